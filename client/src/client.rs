@@ -1,0 +1,535 @@
+//! [`Client`]: connects to any node, caches the shard map and leaders, and runs every operation
+//! in a retry loop bounded by a deadline.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use strata_proto::v1::cluster_client::ClusterClient;
+use strata_proto::v1::kv_client::KvClient;
+use strata_proto::v1::{self as pb, ShardMap, ShardMapRequest, StatusRequest, StatusResponse};
+use tokio::time::Instant;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::error::{classify, Error, Verdict};
+use crate::route::{LeaderCache, RouteTable};
+use crate::session::Session;
+
+pub use strata_proto::v1::Consistency;
+
+/// A stored value and its version (the log index that last wrote it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    /// The key (filled by scans).
+    pub key: Bytes,
+    /// The value.
+    pub value: Bytes,
+    /// Version: the log index of the write that produced this value.
+    pub version: u64,
+}
+
+/// The result of a compare-and-set.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CasOutcome {
+    /// Whether the comparison held and the write applied.
+    pub succeeded: bool,
+    /// On success the new version (0 after a delete); on mismatch the current one (0 = absent).
+    pub version: u64,
+    /// On mismatch, the current value.
+    pub current_value: Option<Bytes>,
+}
+
+/// One operation of an atomic batch.
+#[derive(Debug, Clone)]
+pub enum BatchOp {
+    /// Set a key.
+    Put(Bytes, Bytes),
+    /// Remove a key.
+    Delete(Bytes),
+}
+
+/// What a scan covers.
+#[derive(Debug, Clone, Default)]
+pub struct ScanOptions {
+    /// Only keys with this prefix.
+    pub prefix: Bytes,
+    /// Inclusive lower bound (empty: none).
+    pub start: Bytes,
+    /// Exclusive upper bound (empty: none).
+    pub end: Bytes,
+    /// Most records returned (0: the server default, 1000).
+    pub limit: u32,
+    /// Read consistency.
+    pub consistency: Consistency,
+}
+
+/// Builds a [`Client`] with custom timeouts.
+#[derive(Debug, Clone)]
+pub struct ClientBuilder {
+    endpoints: Vec<String>,
+    attempt_timeout: Duration,
+    deadline: Duration,
+    connect_timeout: Duration,
+}
+
+impl ClientBuilder {
+    /// A builder for the cluster reachable at `endpoints` (`host:port`, any node).
+    pub fn new<I, S>(endpoints: I) -> ClientBuilder
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        ClientBuilder {
+            endpoints: endpoints.into_iter().map(Into::into).collect(),
+            attempt_timeout: Duration::from_secs(3),
+            deadline: Duration::from_secs(15),
+            connect_timeout: Duration::from_secs(1),
+        }
+    }
+
+    /// How long one attempt may take before it is abandoned and retried.
+    pub fn attempt_timeout(mut self, d: Duration) -> Self {
+        self.attempt_timeout = d;
+        self
+    }
+
+    /// How long an operation may take, retries included.
+    pub fn deadline(mut self, d: Duration) -> Self {
+        self.deadline = d;
+        self
+    }
+
+    /// TCP connect timeout.
+    pub fn connect_timeout(mut self, d: Duration) -> Self {
+        self.connect_timeout = d;
+        self
+    }
+
+    /// Connects: loads the shard map from the first endpoint that answers.
+    pub async fn connect(self) -> Result<Client, Error> {
+        if self.endpoints.is_empty() {
+            return Err(Error::InvalidArgument("no endpoints given".into()));
+        }
+        for e in &self.endpoints {
+            if e.trim().is_empty() {
+                return Err(Error::InvalidArgument("empty endpoint".into()));
+            }
+        }
+        let client = Client {
+            inner: Arc::new(Inner {
+                config: self,
+                session: Session::new(),
+                channels: Mutex::new(HashMap::new()),
+                table: RwLock::new(None),
+                leaders: Mutex::new(LeaderCache::default()),
+            }),
+        };
+        client.refresh_map().await?;
+        Ok(client)
+    }
+}
+
+/// The Strata client. Cheap to clone; clones share caches and the write session.
+#[derive(Clone, Debug)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    config: ClientBuilder,
+    session: Session,
+    /// One channel per node address. `std` locks: never held across an await.
+    channels: Mutex<HashMap<String, Channel>>,
+    table: RwLock<Option<Arc<RouteTable>>>,
+    leaders: Mutex<LeaderCache>,
+}
+
+/// Where an operation goes.
+#[derive(Clone, Copy)]
+enum Target<'a> {
+    Key(&'a [u8]),
+    Shard(u64),
+}
+
+impl Client {
+    /// Connects with default timeouts (3 s per attempt, 15 s per operation).
+    pub async fn connect<I, S>(endpoints: I) -> Result<Client, Error>
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        ClientBuilder::new(endpoints).connect().await
+    }
+
+    /// This client's id in request ids.
+    pub fn client_id(&self) -> u64 {
+        self.inner.session.client_id()
+    }
+
+    fn channel(&self, addr: &str) -> Result<Channel, Error> {
+        let mut channels = self.inner.channels.lock().expect("channels poisoned");
+        if let Some(c) = channels.get(addr) {
+            return Ok(c.clone());
+        }
+        let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|e| Error::InvalidArgument(format!("bad endpoint {addr:?}: {e}")))?
+            .connect_timeout(self.inner.config.connect_timeout)
+            .tcp_nodelay(true);
+        let channel = endpoint.connect_lazy();
+        channels.insert(addr.to_string(), channel.clone());
+        Ok(channel)
+    }
+
+    /// Reloads the shard map from the first node that answers.
+    pub async fn refresh_map(&self) -> Result<Arc<RouteTable>, Error> {
+        let mut addrs: Vec<String> = self.inner.config.endpoints.clone();
+        if let Some(t) = self.table() {
+            addrs.extend(t.nodes.values().cloned());
+        }
+        let mut last = String::from("no endpoint tried");
+        for addr in addrs {
+            match self.fetch_map(&addr).await {
+                Ok(map) => {
+                    let table = Arc::new(RouteTable::from_map(map).map_err(Error::Server)?);
+                    let mut leaders = self.inner.leaders.lock().expect("leaders poisoned");
+                    for s in &table.shards {
+                        if s.leader != 0 && leaders.get(s.id).is_none() {
+                            leaders.set(s.id, s.leader);
+                        }
+                    }
+                    *self.inner.table.write().expect("table poisoned") = Some(table.clone());
+                    return Ok(table);
+                }
+                Err(e) => last = format!("{addr}: {e}"),
+            }
+        }
+        Err(Error::Connect(last))
+    }
+
+    async fn fetch_map(&self, addr: &str) -> Result<ShardMap, Error> {
+        let mut c = ClusterClient::new(self.channel(addr)?);
+        let mut req = tonic::Request::new(ShardMapRequest {});
+        req.set_timeout(self.inner.config.attempt_timeout);
+        c.get_shard_map(req)
+            .await
+            .map(|r| r.into_inner())
+            .map_err(|s| Error::Unavailable(s.message().to_string()))
+    }
+
+    fn table(&self) -> Option<Arc<RouteTable>> {
+        self.inner.table.read().expect("table poisoned").clone()
+    }
+
+    /// The cached shard map.
+    pub fn route_table(&self) -> Option<Arc<RouteTable>> {
+        self.table()
+    }
+
+    /// The status of the node at `addr` (its groups and the map it routes with).
+    pub async fn node_status(&self, addr: &str) -> Result<StatusResponse, Error> {
+        let mut c = ClusterClient::new(self.channel(addr)?);
+        let mut req = tonic::Request::new(StatusRequest {});
+        req.set_timeout(self.inner.config.attempt_timeout);
+        c.status(req)
+            .await
+            .map(|r| r.into_inner())
+            .map_err(|s| Error::Unavailable(format!("{addr}: {}", s.message())))
+    }
+
+    /// Runs `call` against the right node for `target`, retrying per the error table until the
+    /// deadline. `is_write` makes transport failures count as "may have applied".
+    async fn run<T, F, Fut>(
+        &self,
+        target: Target<'_>,
+        is_write: bool,
+        mut call: F,
+    ) -> Result<T, Error>
+    where
+        F: FnMut(KvClient<Channel>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let deadline = Instant::now() + self.inner.config.deadline;
+        let mut may_have_applied = false;
+        let mut backoff = Duration::from_millis(10);
+        let mut attempt = 0usize;
+        let mut last;
+        loop {
+            let table = match self.table() {
+                Some(t) => t,
+                None => self.refresh_map().await?,
+            };
+            let shard = match target {
+                Target::Key(k) => table.shard_for_key(k).clone(),
+                Target::Shard(id) => table
+                    .shard(id)
+                    .cloned()
+                    .ok_or_else(|| Error::InvalidArgument(format!("unknown shard {id}")))?,
+            };
+            let cached = self
+                .inner
+                .leaders
+                .lock()
+                .expect("leaders poisoned")
+                .get(shard.id);
+            let node = cached.unwrap_or(shard.replicas[attempt % shard.replicas.len()]);
+            attempt += 1;
+            let addr = table.nodes.get(&node).cloned().unwrap_or_default();
+            let outcome = match self.channel(&addr) {
+                Ok(ch) => {
+                    let fut = call(KvClient::new(ch));
+                    match tokio::time::timeout(self.inner.config.attempt_timeout, fut).await {
+                        Ok(r) => r.map(|r| r.into_inner()),
+                        Err(_) => Err(tonic::Status::deadline_exceeded("attempt timed out")),
+                    }
+                }
+                Err(e) => Err(tonic::Status::unavailable(e.to_string())),
+            };
+            let status = match outcome {
+                Ok(v) => {
+                    self.inner
+                        .leaders
+                        .lock()
+                        .expect("leaders poisoned")
+                        .set(shard.id, node);
+                    return Ok(v);
+                }
+                Err(status) => status,
+            };
+            let mut wait = true;
+            match classify(&status, is_write) {
+                Verdict::Fail(e) => {
+                    return Err(match e {
+                        // A final error after an earlier attempt may have applied is unknown.
+                        Error::InvalidArgument(_) => e,
+                        e if may_have_applied => Error::OutcomeUnknown(e.to_string()),
+                        e => e,
+                    });
+                }
+                Verdict::NotLeader(hint) => {
+                    let mut leaders = self.inner.leaders.lock().expect("leaders poisoned");
+                    match hint {
+                        Some(l) if l != node => {
+                            leaders.set(shard.id, l);
+                            wait = false;
+                        }
+                        _ => leaders.forget(shard.id),
+                    }
+                    last = status.message().to_string();
+                }
+                Verdict::WrongShard => {
+                    self.inner
+                        .leaders
+                        .lock()
+                        .expect("leaders poisoned")
+                        .forget(shard.id);
+                    let _ = self.refresh_map().await;
+                    last = status.message().to_string();
+                }
+                Verdict::Retry {
+                    may_have_applied: m,
+                    reason,
+                } => {
+                    may_have_applied |= m;
+                    self.inner
+                        .leaders
+                        .lock()
+                        .expect("leaders poisoned")
+                        .forget(shard.id);
+                    last = reason;
+                }
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                let msg = format!("deadline exceeded after {attempt} attempts; last error: {last}");
+                return Err(if may_have_applied {
+                    Error::OutcomeUnknown(msg)
+                } else {
+                    Error::Unavailable(msg)
+                });
+            }
+            if wait {
+                let jitter =
+                    Duration::from_millis(rand::random::<u64>() % (backoff.as_millis() as u64 + 1));
+                tokio::time::sleep((backoff + jitter).min(deadline - now)).await;
+                backoff = (backoff * 2).min(Duration::from_millis(500));
+            }
+        }
+    }
+
+    /// Reads `key` linearizably.
+    pub async fn get(&self, key: impl Into<Bytes>) -> Result<Option<Record>, Error> {
+        self.get_with(key, Consistency::Linearizable).await
+    }
+
+    /// Reads `key` at the given consistency.
+    pub async fn get_with(
+        &self,
+        key: impl Into<Bytes>,
+        consistency: Consistency,
+    ) -> Result<Option<Record>, Error> {
+        let key: Bytes = key.into();
+        let req = pb::GetRequest {
+            key: key.clone(),
+            consistency: consistency as i32,
+        };
+        let r = self
+            .run(Target::Key(&key), false, |mut c| {
+                let req = req.clone();
+                async move { c.get(req).await }
+            })
+            .await?;
+        Ok(r.found.then(|| Record {
+            key,
+            value: r.value,
+            version: r.version,
+        }))
+    }
+
+    /// Sets `key` to `value`; returns the new version.
+    pub async fn put(&self, key: impl Into<Bytes>, value: impl Into<Bytes>) -> Result<u64, Error> {
+        let key: Bytes = key.into();
+        let value: Bytes = value.into();
+        let ticket = self.inner.session.begin();
+        let r = self
+            .run(Target::Key(&key), true, |mut c| {
+                let req = pb::PutRequest {
+                    key: key.clone(),
+                    value: value.clone(),
+                    request_id: Some(ticket.request_id()),
+                };
+                async move { c.put(req).await }
+            })
+            .await?;
+        Ok(r.version)
+    }
+
+    /// Removes `key`; returns whether it existed.
+    pub async fn delete(&self, key: impl Into<Bytes>) -> Result<bool, Error> {
+        let key: Bytes = key.into();
+        let ticket = self.inner.session.begin();
+        let r = self
+            .run(Target::Key(&key), true, |mut c| {
+                let req = pb::DeleteRequest {
+                    key: key.clone(),
+                    request_id: Some(ticket.request_id()),
+                };
+                async move { c.delete(req).await }
+            })
+            .await?;
+        Ok(r.existed)
+    }
+
+    /// If `key` has version `expected_version` (0 = absent), sets it to `new_value`, or deletes it
+    /// when `new_value` is `None`.
+    pub async fn cas(
+        &self,
+        key: impl Into<Bytes>,
+        expected_version: u64,
+        new_value: Option<Bytes>,
+    ) -> Result<CasOutcome, Error> {
+        let key: Bytes = key.into();
+        let ticket = self.inner.session.begin();
+        let r = self
+            .run(Target::Key(&key), true, |mut c| {
+                let req = pb::CasRequest {
+                    key: key.clone(),
+                    expected_version,
+                    delete: new_value.is_none(),
+                    new_value: new_value.clone().unwrap_or_default(),
+                    request_id: Some(ticket.request_id()),
+                };
+                async move { c.cas(req).await }
+            })
+            .await?;
+        Ok(CasOutcome {
+            succeeded: r.succeeded,
+            version: r.version,
+            current_value: (!r.succeeded && r.version != 0).then_some(r.current_value),
+        })
+    }
+
+    /// Applies `ops` atomically; all keys must be in one shard (use a common hash tag).
+    /// Returns the batch's version.
+    pub async fn batch(&self, ops: Vec<BatchOp>) -> Result<u64, Error> {
+        let first = match ops.first() {
+            Some(BatchOp::Put(k, _)) | Some(BatchOp::Delete(k)) => k.clone(),
+            None => return Err(Error::InvalidArgument("batch is empty".into())),
+        };
+        let wire: Vec<pb::BatchOp> = ops
+            .into_iter()
+            .map(|op| match op {
+                BatchOp::Put(key, value) => pb::BatchOp {
+                    key,
+                    value,
+                    delete: false,
+                },
+                BatchOp::Delete(key) => pb::BatchOp {
+                    key,
+                    value: Bytes::new(),
+                    delete: true,
+                },
+            })
+            .collect();
+        let ticket = self.inner.session.begin();
+        let r = self
+            .run(Target::Key(&first), true, |mut c| {
+                let req = pb::BatchRequest {
+                    ops: wire.clone(),
+                    request_id: Some(ticket.request_id()),
+                };
+                async move { c.batch(req).await }
+            })
+            .await?;
+        Ok(r.version)
+    }
+
+    /// Scans every shard and merges the results in key order, up to `opts.limit` records.
+    pub async fn scan(&self, opts: ScanOptions) -> Result<Vec<Record>, Error> {
+        let table = match self.table() {
+            Some(t) => t,
+            None => self.refresh_map().await?,
+        };
+        let scans = table.shards.iter().map(|s| self.scan_shard(s.id, &opts));
+        let mut all = Vec::new();
+        for r in futures::future::join_all(scans).await {
+            all.extend(r?);
+        }
+        all.sort_by(|a, b| a.key.cmp(&b.key));
+        let limit = if opts.limit == 0 {
+            1000
+        } else {
+            opts.limit as usize
+        };
+        all.truncate(limit);
+        Ok(all)
+    }
+
+    /// Scans one shard.
+    pub async fn scan_shard(&self, shard: u64, opts: &ScanOptions) -> Result<Vec<Record>, Error> {
+        let req = pb::ScanRequest {
+            shard_id: shard,
+            start: opts.start.clone(),
+            end: opts.end.clone(),
+            prefix: opts.prefix.clone(),
+            limit: opts.limit,
+            consistency: opts.consistency as i32,
+        };
+        let r = self
+            .run(Target::Shard(shard), false, |mut c| {
+                let req = req.clone();
+                async move { c.scan(req).await }
+            })
+            .await?;
+        Ok(r.items
+            .into_iter()
+            .map(|kv| Record {
+                key: kv.key,
+                value: kv.value,
+                version: kv.version,
+            })
+            .collect())
+    }
+}

@@ -1,0 +1,112 @@
+//! The client's error type.
+
+use prost::Message;
+use strata_proto::v1::ErrorDetails;
+
+/// Why an operation failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum Error {
+    /// The request was invalid (empty or oversized key or value, cross-shard batch, unknown
+    /// shard…). Nothing was written.
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+    /// The write may or may not have applied: it was sent and then the deadline passed, the
+    /// connection broke, or leadership changed after it was proposed. Read the key to find out.
+    #[error("write outcome unknown: {0}")]
+    OutcomeUnknown(String),
+    /// The cluster could not serve the request before the deadline, and it was never proposed
+    /// (or it is a read). Nothing was written.
+    #[error("unavailable: {0}")]
+    Unavailable(String),
+    /// No endpoint answered, so the shard map could not be loaded.
+    #[error("cannot reach the cluster: {0}")]
+    Connect(String),
+    /// The server reported a bug or storage failure.
+    #[error("server error: {0}")]
+    Server(String),
+}
+
+impl Error {
+    /// Whether a write that failed with this error may still have been applied.
+    pub fn may_have_applied(&self) -> bool {
+        matches!(self, Error::OutcomeUnknown(_) | Error::Server(_))
+    }
+}
+
+/// How the retry loop should treat a failed attempt.
+#[derive(Debug)]
+pub(crate) enum Verdict {
+    /// Retry at this leader (node id) — nothing was proposed.
+    NotLeader(Option<u64>),
+    /// Refresh the shard map and retry — nothing was proposed.
+    WrongShard,
+    /// Retry later, maybe elsewhere; `may_have_applied` when the write may have been proposed.
+    Retry {
+        may_have_applied: bool,
+        reason: String,
+    },
+    /// Stop: the error is final.
+    Fail(Error),
+}
+
+/// Classifies a failed attempt from its status and the details the node attached.
+pub(crate) fn classify(status: &tonic::Status, is_write: bool) -> Verdict {
+    let details = ErrorDetails::decode(status.details())
+        .ok()
+        .filter(|d| !d.code.is_empty());
+    let reason = format!("{}: {}", status.code(), status.message());
+    match details {
+        Some(d) => match d.code.as_str() {
+            "NotLeader" => Verdict::NotLeader(Some(d.leader_id).filter(|id| *id != 0)),
+            "WrongShard" => Verdict::WrongShard,
+            "Unavailable" => Verdict::Retry {
+                may_have_applied: false,
+                reason,
+            },
+            "OutcomeUnknown" => Verdict::Retry {
+                may_have_applied: true,
+                reason,
+            },
+            "InvalidArgument" => {
+                Verdict::Fail(Error::InvalidArgument(status.message().to_string()))
+            }
+            "StaleRequest" => Verdict::Fail(Error::OutcomeUnknown(status.message().to_string())),
+            _ => Verdict::Fail(Error::Server(status.message().to_string())),
+        },
+        // No details: the status came from the transport (connection refused or broken,
+        // timeout) or from tonic itself (message too large).
+        None => match status.code() {
+            tonic::Code::InvalidArgument
+            | tonic::Code::OutOfRange
+            | tonic::Code::ResourceExhausted => {
+                Verdict::Fail(Error::InvalidArgument(status.message().to_string()))
+            }
+            // A refused connection never delivered the request.
+            tonic::Code::Unavailable if is_connect_error(status) => Verdict::Retry {
+                may_have_applied: false,
+                reason,
+            },
+            _ => Verdict::Retry {
+                may_have_applied: is_write,
+                reason,
+            },
+        },
+    }
+}
+
+/// Whether the transport failed before the request could be sent (connect error).
+fn is_connect_error(status: &tonic::Status) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(status);
+    while let Some(e) = source {
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            if io.kind() == std::io::ErrorKind::ConnectionRefused {
+                return true;
+            }
+        }
+        if e.to_string().contains("tcp connect error") {
+            return true;
+        }
+        source = e.source();
+    }
+    false
+}

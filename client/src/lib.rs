@@ -1,0 +1,29 @@
+//! `strata-client`: the async Rust client of Strata.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), strata_client::Error> {
+//! let client = strata_client::Client::connect(["127.0.0.1:7101"]).await?;
+//! let version = client.put("{user:42}:name", "Ada").await?;
+//! let record = client.get("{user:42}:name").await?.expect("just written");
+//! assert_eq!(record.version, version);
+//! # Ok(()) }
+//! ```
+//!
+//! Module map:
+//! - [`error`]: the typed [`Error`], which says whether a failed write may still have applied.
+//! - [`route`]: the cached shard map: key → shard → replicas, and the leader cache.
+//! - [`session`]: request ids — one client id per [`Client`], a sequence per write, and the
+//!   acknowledged floor that lets servers forget finished writes.
+//! - [`client`]: [`Client`], [`ClientBuilder`] and the operations, with retries within a deadline.
+//!
+//! Retries: a request that meets `NotLeader`, `WrongShard`, an unavailable shard or a lost
+//! connection is retried (following leader hints, refreshing the shard map) until the operation's
+//! deadline. A retried write reuses its request id, so it never applies twice.
+
+pub mod client;
+pub mod error;
+pub mod route;
+pub mod session;
+
+pub use client::{BatchOp, CasOutcome, Client, ClientBuilder, Consistency, Record, ScanOptions};
+pub use error::Error;

@@ -1,0 +1,221 @@
+//! `strata bench`: a closed-loop load generator. `--clients` workers each issue one request at a
+//! time for `--duration`; every latency goes into an HDR histogram. Reports ops/s, p50/p99/p999
+//! and errors (a benchmark, not a test: nothing here asserts a speed).
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use clap::{Args, ValueEnum};
+use hdrhistogram::Histogram;
+use indicatif::{ProgressBar, ProgressStyle};
+use rand::{Rng, SeedableRng};
+use serde::Serialize;
+use strata_client::Client;
+
+use super::output::{json, table};
+use super::{parse_duration, Cli, Format};
+
+/// What the workers do.
+#[derive(ValueEnum, Clone, Copy, Debug, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Workload {
+    /// Puts of random keys.
+    Put,
+    /// Linearizable gets of preloaded keys.
+    Get,
+    /// Half puts, half gets.
+    Mixed,
+}
+
+/// `strata bench`.
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    /// Operation mix.
+    #[arg(long, value_enum, default_value = "put")]
+    pub workload: Workload,
+    /// Concurrent workers (each with one request in flight).
+    #[arg(long, default_value_t = 64)]
+    pub clients: usize,
+    /// How long to run (e.g. 10s).
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub duration: Duration,
+    /// Value size in bytes.
+    #[arg(long, default_value_t = 256)]
+    pub value_size: usize,
+    /// Number of distinct keys.
+    #[arg(long, default_value_t = 10_000)]
+    pub keys: u64,
+    /// Client connections the workers share (round-robin).
+    #[arg(long, default_value_t = 4)]
+    pub connections: usize,
+}
+
+/// The report.
+#[derive(Serialize, Debug)]
+pub struct BenchReport {
+    /// Workload run.
+    pub workload: Workload,
+    /// Workers.
+    pub clients: usize,
+    /// Measured seconds.
+    pub duration_s: f64,
+    /// Successful operations.
+    pub ops: u64,
+    /// Failed operations.
+    pub errors: u64,
+    /// Successful operations per second.
+    pub ops_per_sec: f64,
+    /// Latency percentiles in milliseconds.
+    pub p50_ms: f64,
+    /// 99th percentile.
+    pub p99_ms: f64,
+    /// 99.9th percentile.
+    pub p999_ms: f64,
+    /// Slowest operation.
+    pub max_ms: f64,
+    /// Value size in bytes.
+    pub value_size: usize,
+    /// Distinct keys.
+    pub keys: u64,
+}
+
+fn key(i: u64) -> Bytes {
+    Bytes::from(format!("bench:{i:08}"))
+}
+
+/// Runs `strata bench`.
+pub async fn run(cli: &Cli, a: &BenchArgs) -> anyhow::Result<()> {
+    if a.clients == 0 || a.keys == 0 || a.connections == 0 {
+        anyhow::bail!("--clients, --keys and --connections must be at least 1");
+    }
+    let mut clients = Vec::new();
+    for _ in 0..a.connections {
+        clients.push(cli.client().await?);
+    }
+    let value = Bytes::from(vec![b'x'; a.value_size]);
+    if a.workload != Workload::Put {
+        preload(&clients[0], a.keys, &value).await?;
+    }
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicU64::new(0));
+    let bar = if cli.output == Format::Table {
+        ProgressBar::new(a.duration.as_secs().max(1))
+    } else {
+        ProgressBar::hidden()
+    };
+    bar.set_style(ProgressStyle::with_template("{bar:40} {pos}/{len}s {msg}")?);
+    let start = Instant::now();
+    let mut workers = Vec::new();
+    for w in 0..a.clients {
+        let client = clients[w % clients.len()].clone();
+        let (stop, done, value) = (stop.clone(), done.clone(), value.clone());
+        let (workload, keys) = (a.workload, a.keys);
+        workers.push(tokio::spawn(async move {
+            let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram");
+            let mut errors = 0u64;
+            let mut rng = rand::rngs::StdRng::from_os_rng();
+            while !stop.load(Ordering::Relaxed) {
+                let k = key(rng.random_range(0..keys));
+                let write = match workload {
+                    Workload::Put => true,
+                    Workload::Get => false,
+                    Workload::Mixed => rng.random_bool(0.5),
+                };
+                let t = Instant::now();
+                let ok = if write {
+                    client.put(k, value.clone()).await.is_ok()
+                } else {
+                    client.get(k).await.is_ok()
+                };
+                if ok {
+                    hist.saturating_record(t.elapsed().as_micros() as u64);
+                    done.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    errors += 1;
+                }
+            }
+            (hist, errors)
+        }));
+    }
+    while start.elapsed() < a.duration {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let secs = start.elapsed().as_secs_f64();
+        bar.set_position(secs as u64);
+        bar.set_message(format!(
+            "{:.0} ops/s",
+            done.load(Ordering::Relaxed) as f64 / secs
+        ));
+    }
+    stop.store(true, Ordering::Relaxed);
+    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    let mut errors = 0;
+    for w in workers {
+        let (h, e) = w.await?;
+        hist.add(h)?;
+        errors += e;
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    bar.finish_and_clear();
+    let ms = |q: f64| hist.value_at_quantile(q) as f64 / 1000.0;
+    let report = BenchReport {
+        workload: a.workload,
+        clients: a.clients,
+        duration_s: elapsed,
+        ops: hist.len(),
+        errors,
+        ops_per_sec: hist.len() as f64 / elapsed,
+        p50_ms: ms(0.5),
+        p99_ms: ms(0.99),
+        p999_ms: ms(0.999),
+        max_ms: hist.max() as f64 / 1000.0,
+        value_size: a.value_size,
+        keys: a.keys,
+    };
+    match cli.output {
+        Format::Json => json(&report),
+        Format::Table => {
+            table(
+                &[
+                    "WORKLOAD", "CLIENTS", "OPS/S", "P50 ms", "P99 ms", "P999 ms", "MAX ms", "OPS",
+                    "ERRORS",
+                ],
+                &[vec![
+                    format!("{:?}", report.workload).to_lowercase(),
+                    report.clients.to_string(),
+                    format!("{:.0}", report.ops_per_sec),
+                    format!("{:.2}", report.p50_ms),
+                    format!("{:.2}", report.p99_ms),
+                    format!("{:.2}", report.p999_ms),
+                    format!("{:.2}", report.max_ms),
+                    report.ops.to_string(),
+                    report.errors.to_string(),
+                ]],
+            );
+            Ok(())
+        }
+    }
+}
+
+/// Writes every key once so reads find them (64 writes in flight).
+async fn preload(client: &Client, keys: u64, value: &Bytes) -> anyhow::Result<()> {
+    use futures::StreamExt;
+    let bar = ProgressBar::new(keys);
+    bar.set_style(ProgressStyle::with_template(
+        "preloading {bar:40} {pos}/{len}",
+    )?);
+    let mut results = futures::stream::iter(0..keys)
+        .map(|i| {
+            let (client, value) = (client.clone(), value.clone());
+            async move { client.put(key(i), value).await }
+        })
+        .buffer_unordered(64);
+    while let Some(r) = results.next().await {
+        r?;
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    Ok(())
+}

@@ -1,0 +1,177 @@
+//! `strata dev up`: a local cluster of `strata-node` processes in the foreground. The first run
+//! creates `<data-dir>/cluster.json`; later runs restart the same cluster with its data. Ctrl-C or
+//! SIGTERM stops every node cleanly.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Subcommand};
+
+use crate::launcher::{find_node_binary, ClusterSpec, LocalCluster};
+
+/// `strata dev …`.
+#[derive(Subcommand, Debug)]
+pub enum DevCmd {
+    /// Start (or restart) the local cluster and keep it running until Ctrl-C.
+    Up(UpArgs),
+    /// Start one node of a running local cluster again (after it was killed).
+    RestartNode(RestartArgs),
+}
+
+/// `strata dev up`.
+#[derive(Args, Debug)]
+pub struct UpArgs {
+    /// Number of nodes (first run only).
+    #[arg(long, default_value_t = 3)]
+    pub nodes: usize,
+    /// Number of shards (first run only).
+    #[arg(long, default_value_t = 8)]
+    pub shards: u32,
+    /// Directory of the cluster's data and cluster.json.
+    #[arg(long, default_value = super::DEFAULT_DATA_DIR)]
+    pub data_dir: PathBuf,
+    /// Node i listens for clients on base+i and for peers on base+100+i (first run only).
+    #[arg(long, default_value_t = 7100)]
+    pub base_port: u16,
+}
+
+/// `strata dev restart-node`.
+#[derive(Args, Debug)]
+pub struct RestartArgs {
+    /// The node to start.
+    #[arg(long)]
+    pub id: u64,
+    /// Directory of the cluster.
+    #[arg(long, default_value = super::DEFAULT_DATA_DIR)]
+    pub data_dir: PathBuf,
+}
+
+/// How long nodes get to stop after SIGTERM before they are killed.
+const STOP_GRACE: Duration = Duration::from_secs(10);
+
+/// Runs a `strata dev` command.
+pub async fn run(cmd: &DevCmd) -> anyhow::Result<()> {
+    match cmd {
+        DevCmd::Up(a) => up(a).await,
+        DevCmd::RestartNode(a) => restart_node(a).await,
+    }
+}
+
+async fn up(a: &UpArgs) -> anyhow::Result<()> {
+    if a.nodes == 0 || a.nodes > 99 {
+        anyhow::bail!("--nodes must be between 1 and 99");
+    }
+    if a.shards == 0 || a.shards > strata_proto::keyspace::SLOT_COUNT {
+        anyhow::bail!(
+            "--shards must be between 1 and {}",
+            strata_proto::keyspace::SLOT_COUNT
+        );
+    }
+    let spec = ClusterSpec {
+        nodes: a.nodes,
+        shards: a.shards,
+        base_port: Some(a.base_port),
+        ip: "127.0.0.1".into(),
+    };
+    let bin = find_node_binary()?;
+    let mut cluster = LocalCluster::open_or_create(&a.data_dir, &bin, &spec)?;
+    cluster.ensure_not_running()?;
+    let f = cluster.file().clone();
+    if f.nodes.len() != a.nodes || f.shards != a.shards {
+        eprintln!(
+            "note: restarting the existing cluster in {} ({} nodes, {} shards); --nodes/--shards apply to new clusters only",
+            cluster.dir().display(),
+            f.nodes.len(),
+            f.shards
+        );
+    }
+    eprintln!("starting {} nodes from {}", f.nodes.len(), bin.display());
+    cluster.start_all()?;
+    if let Err(e) = cluster.wait_ready(Duration::from_secs(60)).await {
+        let _ = cluster.stop_all(STOP_GRACE);
+        return Err(e).context(format!(
+            "see the node logs under {}",
+            cluster.dir().display()
+        ));
+    }
+    println!(
+        "Strata dev cluster is up: {} nodes, {} shards",
+        f.nodes.len(),
+        f.shards
+    );
+    for n in &cluster.file().nodes {
+        println!(
+            "  node {}  client {}  peer {}  pid {}  log {}",
+            n.id,
+            n.client_addr,
+            n.peer_addr,
+            n.pid.unwrap_or(0),
+            n.data_dir.join("node.log").display()
+        );
+    }
+    println!("endpoints: {}", cluster.endpoints().join(","));
+    println!(
+        "cluster file: {}",
+        cluster.dir().join(crate::launcher::CLUSTER_FILE).display()
+    );
+    println!("press Ctrl-C to stop all nodes");
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => break,
+            _ = term.recv() => break,
+            _ = tick.tick() => {
+                for (id, status) in cluster.exited_nodes() {
+                    eprintln!("node {id} exited ({status}); restart it with: strata dev restart-node --id {id} --data-dir {}", a.data_dir.display());
+                }
+            }
+        }
+    }
+    eprintln!("stopping nodes...");
+    // Reload: a node restarted by `dev restart-node` is recorded there with its new pid.
+    let mut cluster = LocalCluster::open_or_create(&a.data_dir, &bin, &spec)?;
+    cluster.stop_all(STOP_GRACE)?;
+    eprintln!("all nodes stopped; run the same command again to restart the cluster with its data");
+    Ok(())
+}
+
+async fn restart_node(a: &RestartArgs) -> anyhow::Result<()> {
+    let bin = find_node_binary()?;
+    let spec = ClusterSpec {
+        nodes: 0,
+        shards: 0,
+        base_port: None,
+        ip: "127.0.0.1".into(),
+    };
+    if crate::launcher::ClusterFile::load(&a.data_dir)?.is_none() {
+        anyhow::bail!(
+            "no cluster in {}: run strata dev up first",
+            a.data_dir.display()
+        );
+    }
+    let mut cluster = LocalCluster::open_or_create(&a.data_dir, &bin, &spec)?;
+    let entry = cluster
+        .file()
+        .nodes
+        .iter()
+        .find(|n| n.id == a.id)
+        .cloned()
+        .with_context(|| {
+            format!(
+                "the cluster in {} has no node {}",
+                a.data_dir.display(),
+                a.id
+            )
+        })?;
+    if let Some(pid) = entry.pid.filter(|p| crate::launcher::process_alive(*p)) {
+        anyhow::bail!("node {} is already running (pid {pid})", a.id);
+    }
+    let pid = cluster.start_node(a.id)?;
+    // The node must outlive this command: forget the child instead of killing it on drop.
+    cluster.detach();
+    println!("node {} started (pid {pid})", a.id);
+    Ok(())
+}

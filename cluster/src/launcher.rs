@@ -1,0 +1,461 @@
+//! Launches and controls a local cluster of real `strata-node` processes: `strata dev up` uses it,
+//! and so do the tests that kill and restart nodes.
+//!
+//! A cluster lives in one directory: `cluster.json` (ids, addresses, data dirs, pids) and one
+//! `node-<id>/` folder per node holding its data and its `node.log`. Running the launcher again on
+//! the same directory restarts the same cluster with its data.
+
+use std::fs::OpenOptions;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use serde::{Deserialize, Serialize};
+use strata_client::Client;
+
+/// The file describing a local cluster, inside its directory.
+pub const CLUSTER_FILE: &str = "cluster.json";
+
+/// One node of a local cluster, as recorded in `cluster.json`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct NodeEntry {
+    /// Node id.
+    pub id: u64,
+    /// Client API address.
+    pub client_addr: String,
+    /// Peer address.
+    pub peer_addr: String,
+    /// Data directory.
+    pub data_dir: PathBuf,
+    /// Process id while running.
+    pub pid: Option<u32>,
+}
+
+/// The content of `cluster.json`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct ClusterFile {
+    /// Shards created at bootstrap.
+    pub shards: u32,
+    /// Every node.
+    pub nodes: Vec<NodeEntry>,
+}
+
+impl ClusterFile {
+    /// Reads `dir/cluster.json`, if present.
+    pub fn load(dir: &Path) -> anyhow::Result<Option<ClusterFile>> {
+        let path = dir.join(CLUSTER_FILE);
+        match std::fs::read(&path) {
+            Ok(raw) => Ok(Some(
+                serde_json::from_slice(&raw)
+                    .with_context(|| format!("parse {}", path.display()))?,
+            )),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e).with_context(|| format!("read {}", path.display())),
+        }
+    }
+
+    /// Writes `dir/cluster.json` atomically.
+    pub fn save(&self, dir: &Path) -> anyhow::Result<()> {
+        let tmp = dir.join(format!("{CLUSTER_FILE}.tmp"));
+        std::fs::write(&tmp, serde_json::to_vec_pretty(self)?)?;
+        std::fs::rename(&tmp, dir.join(CLUSTER_FILE))?;
+        Ok(())
+    }
+
+    /// Client endpoints of every node.
+    pub fn endpoints(&self) -> Vec<String> {
+        self.nodes.iter().map(|n| n.client_addr.clone()).collect()
+    }
+
+    /// The `--initial-cluster` value for this cluster.
+    fn initial_cluster(&self) -> String {
+        self.nodes
+            .iter()
+            .map(|n| format!("{}={}/{}", n.id, n.client_addr, n.peer_addr))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+}
+
+/// How to lay out a new local cluster.
+#[derive(Clone, Debug)]
+pub struct ClusterSpec {
+    /// Number of nodes.
+    pub nodes: usize,
+    /// Number of shards.
+    pub shards: u32,
+    /// First client port (node i gets `base + i`, its peer port `base + 100 + i`); `None` picks
+    /// free ports.
+    pub base_port: Option<u16>,
+    /// IP every node binds to.
+    pub ip: String,
+}
+
+/// A running (or stopped) local cluster.
+pub struct LocalCluster {
+    dir: PathBuf,
+    node_bin: PathBuf,
+    file: ClusterFile,
+    /// Children started by this launcher, by node id. Killed on drop.
+    children: Vec<(u64, Child)>,
+    /// Extra arguments for every node (tests shorten timeouts with these).
+    extra_args: Vec<String>,
+}
+
+impl LocalCluster {
+    /// Opens the cluster in `dir`, creating its layout from `spec` when `dir` has none.
+    pub fn open_or_create(
+        dir: &Path,
+        node_bin: &Path,
+        spec: &ClusterSpec,
+    ) -> anyhow::Result<LocalCluster> {
+        std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+        let dir = dir.canonicalize()?;
+        let file = match ClusterFile::load(&dir)? {
+            Some(f) => f,
+            None => {
+                if spec.nodes == 0 {
+                    bail!("a cluster needs at least one node");
+                }
+                let ports = match spec.base_port {
+                    Some(base) => (1..=spec.nodes as u16)
+                        .map(|i| (base + i, base + 100 + i))
+                        .collect::<Vec<_>>(),
+                    None => free_ports(&spec.ip, spec.nodes * 2)?
+                        .chunks(2)
+                        .map(|p| (p[0], p[1]))
+                        .collect(),
+                };
+                let file = ClusterFile {
+                    shards: spec.shards,
+                    nodes: ports
+                        .iter()
+                        .enumerate()
+                        .map(|(i, (c, p))| NodeEntry {
+                            id: i as u64 + 1,
+                            client_addr: format!("{}:{c}", spec.ip),
+                            peer_addr: format!("{}:{p}", spec.ip),
+                            data_dir: dir.join(format!("node-{}", i + 1)),
+                            pid: None,
+                        })
+                        .collect(),
+                };
+                file.save(&dir)?;
+                file
+            }
+        };
+        if !node_bin.exists() {
+            bail!("strata-node binary not found at {}", node_bin.display());
+        }
+        Ok(LocalCluster {
+            dir,
+            node_bin: node_bin.to_path_buf(),
+            file,
+            children: Vec::new(),
+            extra_args: Vec::new(),
+        })
+    }
+
+    /// Adds arguments passed to every node started from now on.
+    pub fn with_node_args<I: IntoIterator<Item = String>>(mut self, args: I) -> Self {
+        self.extra_args.extend(args);
+        self
+    }
+
+    /// The cluster directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The recorded cluster description.
+    pub fn file(&self) -> &ClusterFile {
+        &self.file
+    }
+
+    /// Client endpoints of every node.
+    pub fn endpoints(&self) -> Vec<String> {
+        self.file.endpoints()
+    }
+
+    /// Fails when a node recorded in `cluster.json` is still running (another launcher owns it).
+    pub fn ensure_not_running(&self) -> anyhow::Result<()> {
+        for n in &self.file.nodes {
+            if let Some(pid) = n.pid {
+                if process_alive(pid) {
+                    bail!(
+                        "node {} of the cluster in {} is already running (pid {pid}); stop it first",
+                        n.id,
+                        self.dir.display()
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts every node.
+    pub fn start_all(&mut self) -> anyhow::Result<()> {
+        let ids: Vec<u64> = self.file.nodes.iter().map(|n| n.id).collect();
+        for id in ids {
+            self.start_node(id)?;
+        }
+        Ok(())
+    }
+
+    /// Starts node `id` with its data directory; its output goes to `node-<id>/node.log`.
+    pub fn start_node(&mut self, id: u64) -> anyhow::Result<u32> {
+        let initial = self.file.initial_cluster();
+        let shards = self.file.shards;
+        let entry = self.entry_mut(id)?.clone();
+        std::fs::create_dir_all(&entry.data_dir)?;
+        let log_path = entry.data_dir.join("node.log");
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)?;
+        let child = Command::new(&self.node_bin)
+            .arg("--id")
+            .arg(id.to_string())
+            .arg("--data-dir")
+            .arg(&entry.data_dir)
+            .arg("--client-addr")
+            .arg(&entry.client_addr)
+            .arg("--peer-addr")
+            .arg(&entry.peer_addr)
+            .arg("--initial-cluster")
+            .arg(&initial)
+            .arg("--shards")
+            .arg(shards.to_string())
+            .args(&self.extra_args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("start {}", self.node_bin.display()))?;
+        let pid = child.id();
+        self.children.retain(|(n, _)| *n != id);
+        self.children.push((id, child));
+        self.entry_mut(id)?.pid = Some(pid);
+        self.file.save(&self.dir)?;
+        Ok(pid)
+    }
+
+    fn entry_mut(&mut self, id: u64) -> anyhow::Result<&mut NodeEntry> {
+        self.file
+            .nodes
+            .iter_mut()
+            .find(|n| n.id == id)
+            .with_context(|| format!("no node {id} in this cluster"))
+    }
+
+    /// Sends `signal` to node `id`.
+    pub fn signal(&mut self, id: u64, signal: Signal) -> anyhow::Result<()> {
+        let pid = self
+            .entry_mut(id)?
+            .pid
+            .with_context(|| format!("node {id} is not running"))?;
+        kill(Pid::from_raw(pid as i32), signal).with_context(|| format!("signal node {id}"))?;
+        Ok(())
+    }
+
+    /// SIGKILLs node `id` and reaps it.
+    pub fn kill_node(&mut self, id: u64) -> anyhow::Result<()> {
+        self.signal(id, Signal::SIGKILL)?;
+        self.reap(id, Duration::from_secs(10))
+    }
+
+    /// Stops node `id` gracefully (SIGTERM, then SIGKILL after `grace`).
+    pub fn stop_node(&mut self, id: u64, grace: Duration) -> anyhow::Result<()> {
+        let Some(pid) = self.entry_mut(id)?.pid else {
+            return Ok(());
+        };
+        let _ = kill(Pid::from_raw(pid as i32), Signal::SIGTERM);
+        if self.reap(id, grace).is_err() {
+            let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+            self.reap(id, Duration::from_secs(5))?;
+        }
+        Ok(())
+    }
+
+    /// Stops every node gracefully, including ones started by an earlier launcher.
+    pub fn stop_all(&mut self, grace: Duration) -> anyhow::Result<()> {
+        let ids: Vec<u64> = self
+            .file
+            .nodes
+            .iter()
+            .filter(|n| n.pid.is_some())
+            .map(|n| n.id)
+            .collect();
+        for id in &ids {
+            if let Some(pid) = self.entry_mut(*id)?.pid {
+                let _ = kill(Pid::from_raw(pid as i32), Signal::SIGTERM);
+            }
+        }
+        for id in ids {
+            self.stop_node(id, grace)?;
+        }
+        Ok(())
+    }
+
+    /// Waits for node `id`'s process to exit, then clears its pid.
+    fn reap(&mut self, id: u64, timeout: Duration) -> anyhow::Result<()> {
+        let pid = self.entry_mut(id)?.pid;
+        let until = Instant::now() + timeout;
+        loop {
+            let exited = match self.children.iter_mut().find(|(n, _)| *n == id) {
+                Some((_, child)) => child.try_wait()?.is_some(),
+                None => pid.is_none_or(|p| !process_alive(p)),
+            };
+            if exited {
+                self.children.retain(|(n, _)| *n != id);
+                self.entry_mut(id)?.pid = None;
+                self.file.save(&self.dir)?;
+                return Ok(());
+            }
+            if Instant::now() >= until {
+                bail!("node {id} did not exit within {timeout:?}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Ids of nodes started by this launcher whose process has exited, with their exit status.
+    pub fn exited_nodes(&mut self) -> Vec<(u64, std::process::ExitStatus)> {
+        let mut out = Vec::new();
+        for (id, child) in &mut self.children {
+            if let Ok(Some(status)) = child.try_wait() {
+                out.push((*id, status));
+            }
+        }
+        for (id, _) in &out {
+            self.children.retain(|(n, _)| n != id);
+            if let Ok(e) = self.entry_mut(*id) {
+                e.pid = None;
+            }
+        }
+        if !out.is_empty() {
+            let _ = self.file.save(&self.dir);
+        }
+        out
+    }
+
+    /// Waits until every shard and the meta group have a leader known to a running node.
+    pub async fn wait_ready(&self, timeout: Duration) -> anyhow::Result<()> {
+        let until = Instant::now() + timeout;
+        let mut last = String::from("no node answered");
+        while Instant::now() < until {
+            match self.leaders_known().await {
+                Ok(true) => return Ok(()),
+                Ok(false) => last = "some shards have no leader yet".into(),
+                Err(e) => last = e.to_string(),
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        bail!("cluster not ready after {timeout:?}: {last}")
+    }
+
+    async fn leaders_known(&self) -> anyhow::Result<bool> {
+        let running: Vec<String> = self
+            .file
+            .nodes
+            .iter()
+            .filter(|n| n.pid.is_some())
+            .map(|n| n.client_addr.clone())
+            .collect();
+        let client = strata_client::ClientBuilder::new(running.clone())
+            .attempt_timeout(Duration::from_millis(500))
+            .connect()
+            .await?;
+        let shards = self.file.shards as usize;
+        let mut led = std::collections::BTreeSet::new();
+        for addr in &running {
+            if let Ok(status) = client.node_status(addr).await {
+                for g in status.groups {
+                    if g.role == "leader" {
+                        led.insert(g.group_id);
+                    }
+                }
+            }
+        }
+        Ok(led.len() == shards + 1)
+    }
+
+    /// Leaves the started processes running when the launcher is dropped.
+    pub fn detach(&mut self) {
+        self.children.clear();
+    }
+
+    /// A client connected to the running nodes.
+    pub async fn client(&self) -> anyhow::Result<Client> {
+        Ok(Client::connect(self.endpoints()).await?)
+    }
+}
+
+impl Drop for LocalCluster {
+    /// Children still running when the launcher goes away (a failing test) are killed, so no
+    /// process outlives its test.
+    fn drop(&mut self) {
+        for (_, child) in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Whether process `pid` exists (and is not a zombie we could reap).
+pub fn process_alive(pid: u32) -> bool {
+    if kill(Pid::from_raw(pid as i32), None).is_err() {
+        return false;
+    }
+    // A zombie still answers signal 0; its /proc state is `Z`.
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .trim_start()
+            .starts_with('Z'),
+        Err(_) => false,
+    }
+}
+
+/// `n` distinct free TCP ports on `ip` (bound and released; good enough for tests).
+pub fn free_ports(ip: &str, n: usize) -> anyhow::Result<Vec<u16>> {
+    let listeners: Vec<TcpListener> = (0..n)
+        .map(|_| TcpListener::bind(format!("{ip}:0")))
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("find free ports on {ip}"))?;
+    listeners
+        .iter()
+        .map(|l| Ok(l.local_addr()?.port()))
+        .collect()
+}
+
+/// Finds the `strata-node` binary: `$STRATA_NODE_BIN`, else next to the running executable,
+/// else on `PATH`.
+pub fn find_node_binary() -> anyhow::Result<PathBuf> {
+    if let Ok(p) = std::env::var("STRATA_NODE_BIN") {
+        return Ok(PathBuf::from(p));
+    }
+    if let Ok(exe) = std::env::current_exe() {
+        for dir in exe.ancestors().skip(1).take(2) {
+            let candidate = dir.join("strata-node");
+            if candidate.is_file() {
+                return Ok(candidate);
+            }
+        }
+    }
+    if let Some(paths) = std::env::var_os("PATH") {
+        for dir in std::env::split_paths(&paths) {
+            let candidate = dir.join("strata-node");
+            if candidate.is_file() {
+                return Ok(candidate);
+            }
+        }
+    }
+    bail!("strata-node binary not found: build it (cargo build --release) or set STRATA_NODE_BIN")
+}

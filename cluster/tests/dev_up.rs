@@ -1,0 +1,201 @@
+//! The README's tour, automated on the built binaries: `strata dev up` starts 3 nodes, the CLI
+//! writes, reads, scans and reports status from another process, one node is SIGKILLed and the
+//! cluster keeps serving every acknowledged write, Ctrl-C stops every node, and running
+//! `dev up` again brings the data back.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use strata_cluster::launcher::{free_ports, ClusterFile};
+
+const STRATA: &str = env!("CARGO_BIN_EXE_strata");
+
+/// `strata-node` sits next to `strata` when the workspace is built.
+fn node_bin() -> PathBuf {
+    let p = Path::new(STRATA).with_file_name("strata-node");
+    assert!(
+        p.exists(),
+        "{} missing: build the workspace (cargo build --release) first",
+        p.display()
+    );
+    p
+}
+
+/// A running `strata dev up`; killed (with its nodes) if the test fails.
+struct DevUp {
+    child: Child,
+    dir: PathBuf,
+}
+
+impl DevUp {
+    fn start(dir: &Path, base: u16) -> DevUp {
+        let mut child = Command::new(STRATA)
+            .args([
+                "dev",
+                "up",
+                "--nodes",
+                "3",
+                "--shards",
+                "8",
+                "--base-port",
+                &base.to_string(),
+            ])
+            .arg("--data-dir")
+            .arg(dir)
+            .env("STRATA_NODE_BIN", node_bin())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn strata dev up");
+        let stdout = child.stdout.take().unwrap();
+        let mut lines = BufReader::new(stdout).lines();
+        let until = Instant::now() + Duration::from_secs(90);
+        loop {
+            assert!(Instant::now() < until, "dev up did not report ready");
+            match lines.next() {
+                Some(Ok(line)) => {
+                    eprintln!("dev up: {line}");
+                    if line.contains("press Ctrl-C") {
+                        break;
+                    }
+                }
+                _ => panic!("dev up exited before it was ready"),
+            }
+        }
+        // Keep draining stdout so the process never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        DevUp {
+            child,
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    fn ctrl_c(mut self) {
+        kill(Pid::from_raw(self.child.id() as i32), Signal::SIGINT).unwrap();
+        let status = self.child.wait().unwrap();
+        assert!(status.success(), "dev up exit status {status}");
+        std::mem::forget(self);
+    }
+}
+
+impl Drop for DevUp {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if let Ok(Some(f)) = ClusterFile::load(&self.dir) {
+            for n in f.nodes.iter().filter_map(|n| n.pid) {
+                let _ = kill(Pid::from_raw(n as i32), Signal::SIGKILL);
+            }
+        }
+    }
+}
+
+fn strata(dir: &Path, args: &[&str]) -> Output {
+    let file = ClusterFile::load(dir).unwrap().unwrap();
+    Command::new(STRATA)
+        .arg("--endpoints")
+        .arg(file.endpoints().join(","))
+        .args(args)
+        .output()
+        .expect("run strata")
+}
+
+fn ok(out: Output) -> String {
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "strata failed: {}{stdout}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+/// A base port whose client (base+1..3) and peer (base+101..103) ports are free.
+fn free_base() -> u16 {
+    loop {
+        let base = free_ports("127.0.0.1", 1).unwrap()[0]
+            .saturating_sub(200)
+            .max(20_000);
+        let wanted = [1, 2, 3, 101, 102, 103].map(|d| base + d);
+        if wanted
+            .iter()
+            .all(|p| std::net::TcpListener::bind(("127.0.0.1", *p)).is_ok())
+        {
+            return base;
+        }
+    }
+}
+
+#[test]
+fn dev_up_serves_the_cli_survives_a_kill_and_restarts_with_its_data() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("strata-data");
+    let base = free_base();
+
+    eprintln!("--- first start");
+    let dev = DevUp::start(&dir, base);
+    ok(strata(&dir, &["put", "greeting", "hello"]));
+    for i in 0..30 {
+        ok(strata(
+            &dir,
+            &["put", &format!("user:{i}"), &format!("u{i}")],
+        ));
+    }
+    let got = ok(strata(&dir, &["get", "greeting"]));
+    assert!(got.contains("hello"), "{got}");
+    let scan = ok(strata(
+        &dir,
+        &["scan", "--prefix", "user:", "--limit", "100", "-o", "json"],
+    ));
+    let items: serde_json::Value = serde_json::from_str(&scan).unwrap();
+    assert_eq!(items.as_array().unwrap().len(), 30);
+    let status = ok(strata(&dir, &["status"]));
+    assert!(
+        status.contains("LEADER") && !status.contains("NONE"),
+        "{status}"
+    );
+
+    eprintln!("--- SIGKILL node 2: every acknowledged write stays readable, writes continue");
+    let file = ClusterFile::load(&dir).unwrap().unwrap();
+    let pid2 = file.nodes[1].pid.unwrap();
+    kill(Pid::from_raw(pid2 as i32), Signal::SIGKILL).unwrap();
+    ok(strata(&dir, &["put", "after-kill", "still-serving"]));
+    for i in 0..30 {
+        let v = ok(strata(&dir, &["get", &format!("user:{i}")]));
+        assert!(v.contains(&format!("u{i}")), "{v}");
+    }
+    let bad = strata(&dir, &["put", "", "v"]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("key is empty"));
+
+    eprintln!("--- Ctrl-C stops every node");
+    dev.ctrl_c();
+    let file = ClusterFile::load(&dir).unwrap().unwrap();
+    let pids: Vec<u32> = ClusterFile::load(&dir)
+        .unwrap()
+        .unwrap()
+        .nodes
+        .iter()
+        .filter_map(|n| n.pid)
+        .collect();
+    assert!(pids.is_empty(), "pids left in cluster.json: {pids:?}");
+    for n in &file.nodes {
+        assert!(
+            std::net::TcpStream::connect(&n.client_addr).is_err(),
+            "node {} still listening",
+            n.id
+        );
+    }
+
+    eprintln!("--- running dev up again brings the data back");
+    let dev = DevUp::start(&dir, base);
+    let got = ok(strata(&dir, &["get", "greeting", "-o", "json"]));
+    assert!(got.contains("\"hello\""), "{got}");
+    let got = ok(strata(&dir, &["get", "after-kill"]));
+    assert!(got.contains("still-serving"), "{got}");
+    dev.ctrl_c();
+}

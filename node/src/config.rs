@@ -1,0 +1,343 @@
+//! Node settings. Three sources, one precedence: **command-line flag > `STRATA_*` environment
+//! variable > TOML file (`--config`) > built-in default.** Every flag `--foo-bar` has the
+//! environment variable `STRATA_FOO_BAR` and the TOML key `foo_bar`.
+//!
+//! The binary parses [`Args`]; the library only ever sees the resolved [`NodeConfig`].
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::Parser;
+use serde::Deserialize;
+
+use crate::layout::NodeSpec;
+use crate::limits::Limits;
+
+/// Command-line flags (each also readable from its `STRATA_*` environment variable).
+#[derive(Parser, Debug, Default)]
+#[command(name = "strata-node", version, about = "A Strata storage node")]
+pub struct Args {
+    /// TOML file with settings; flags and environment variables override it.
+    #[arg(long, env = "STRATA_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// This node's id (> 0, never reused).
+    #[arg(long, env = "STRATA_ID")]
+    pub id: Option<u64>,
+    /// Directory of this node's RocksDB and snapshots.
+    #[arg(long, env = "STRATA_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Address the client API (Kv, Cluster) listens on, e.g. 127.0.0.1:7101.
+    #[arg(long, env = "STRATA_CLIENT_ADDR")]
+    pub client_addr: Option<SocketAddr>,
+    /// Address the peer (Raft) service listens on; outgoing peer connections bind to its IP.
+    #[arg(long, env = "STRATA_PEER_ADDR")]
+    pub peer_addr: Option<SocketAddr>,
+    /// The bootstrap membership: `ID=CLIENT_ADDR/PEER_ADDR,...`. Read on first start only; later
+    /// starts use the layout stored in the data directory.
+    #[arg(long, env = "STRATA_INITIAL_CLUSTER")]
+    pub initial_cluster: Option<String>,
+    /// Number of shards created at bootstrap.
+    #[arg(long, env = "STRATA_SHARDS")]
+    pub shards: Option<u32>,
+    /// Replicas per shard at bootstrap (capped by the number of nodes).
+    #[arg(long, env = "STRATA_REPLICATION")]
+    pub replication: Option<usize>,
+    /// Raft heartbeat interval in milliseconds.
+    #[arg(long, env = "STRATA_HEARTBEAT_MS")]
+    pub heartbeat_ms: Option<u64>,
+    /// Lower bound of the randomized election timeout in milliseconds.
+    #[arg(long, env = "STRATA_ELECTION_TIMEOUT_MIN_MS")]
+    pub election_timeout_min_ms: Option<u64>,
+    /// Upper bound of the randomized election timeout in milliseconds.
+    #[arg(long, env = "STRATA_ELECTION_TIMEOUT_MAX_MS")]
+    pub election_timeout_max_ms: Option<u64>,
+    /// Raft log entries since the last snapshot that trigger a new snapshot (and log compaction).
+    #[arg(long, env = "STRATA_SNAPSHOT_LOGS")]
+    pub snapshot_logs: Option<u64>,
+    /// Memory budget for RocksDB memtables and block cache, in MiB, shared by all shards.
+    #[arg(long, env = "STRATA_MEMORY_BUDGET_MB")]
+    pub memory_budget_mb: Option<usize>,
+    /// Largest accepted key, in bytes.
+    #[arg(long, env = "STRATA_MAX_KEY_BYTES")]
+    pub max_key_bytes: Option<usize>,
+    /// Largest accepted value, in bytes.
+    #[arg(long, env = "STRATA_MAX_VALUE_BYTES")]
+    pub max_value_bytes: Option<usize>,
+    /// Most operations in one batch.
+    #[arg(long, env = "STRATA_MAX_BATCH_OPS")]
+    pub max_batch_ops: Option<usize>,
+    /// Largest gRPC message accepted, in bytes.
+    #[arg(long, env = "STRATA_MAX_MESSAGE_BYTES")]
+    pub max_message_bytes: Option<usize>,
+}
+
+/// The same settings as they appear in the TOML file (all optional).
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    id: Option<u64>,
+    data_dir: Option<PathBuf>,
+    client_addr: Option<SocketAddr>,
+    peer_addr: Option<SocketAddr>,
+    initial_cluster: Option<String>,
+    shards: Option<u32>,
+    replication: Option<usize>,
+    heartbeat_ms: Option<u64>,
+    election_timeout_min_ms: Option<u64>,
+    election_timeout_max_ms: Option<u64>,
+    snapshot_logs: Option<u64>,
+    memory_budget_mb: Option<usize>,
+    max_key_bytes: Option<usize>,
+    max_value_bytes: Option<usize>,
+    max_batch_ops: Option<usize>,
+    max_message_bytes: Option<usize>,
+}
+
+/// Raft timing and compaction settings.
+#[derive(Clone, Debug)]
+pub struct RaftTimings {
+    /// Leader heartbeat period.
+    pub heartbeat: Duration,
+    /// Election timeout range; each group draws its own timeout from it.
+    pub election_min: Duration,
+    /// Upper end of the election timeout range.
+    pub election_max: Duration,
+    /// Log entries since the last snapshot that trigger a snapshot.
+    pub snapshot_logs: u64,
+}
+
+/// The resolved settings of one node.
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    /// This node's id.
+    pub id: u64,
+    /// RocksDB and snapshot directory.
+    pub data_dir: PathBuf,
+    /// Client API listen address.
+    pub client_addr: SocketAddr,
+    /// Peer (Raft) listen address.
+    pub peer_addr: SocketAddr,
+    /// Bootstrap membership (used only when the data directory holds no layout yet).
+    pub initial_cluster: Vec<NodeSpec>,
+    /// Shards created at bootstrap.
+    pub shards: u32,
+    /// Replicas per shard at bootstrap.
+    pub replication: usize,
+    /// Raft timings.
+    pub raft: RaftTimings,
+    /// RocksDB memory budget in bytes.
+    pub memory_budget_bytes: usize,
+    /// Input limits.
+    pub limits: Limits,
+}
+
+impl NodeConfig {
+    /// Resolves flags/env (already merged by clap) over the TOML file over the defaults, and
+    /// validates the result.
+    pub fn resolve(args: Args) -> anyhow::Result<NodeConfig> {
+        let file = match &args.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("read config file {}", path.display()))?;
+                toml::from_str::<FileConfig>(&text)
+                    .with_context(|| format!("parse config file {}", path.display()))?
+            }
+            None => FileConfig::default(),
+        };
+        let defaults = Limits::default();
+        let id = args
+            .id
+            .or(file.id)
+            .context("missing node id: pass --id or STRATA_ID")?;
+        if id == 0 {
+            bail!("node id must be > 0");
+        }
+        let client_addr = args
+            .client_addr
+            .or(file.client_addr)
+            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 7100 + id as u16)));
+        let peer_addr = args
+            .peer_addr
+            .or(file.peer_addr)
+            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 7200 + id as u16)));
+        let initial_cluster = match args.initial_cluster.or(file.initial_cluster) {
+            Some(spec) => parse_initial_cluster(&spec)?,
+            None => vec![NodeSpec {
+                id,
+                client_addr: client_addr.to_string(),
+                peer_addr: peer_addr.to_string(),
+            }],
+        };
+        if !initial_cluster.iter().any(|n| n.id == id) {
+            bail!("--initial-cluster does not list this node's id {id}");
+        }
+        let config = NodeConfig {
+            id,
+            data_dir: args
+                .data_dir
+                .or(file.data_dir)
+                .unwrap_or_else(|| PathBuf::from(format!("strata-data/node-{id}"))),
+            client_addr,
+            peer_addr,
+            initial_cluster,
+            shards: args.shards.or(file.shards).unwrap_or(8),
+            replication: args.replication.or(file.replication).unwrap_or(3),
+            raft: RaftTimings {
+                heartbeat: ms(args.heartbeat_ms.or(file.heartbeat_ms).unwrap_or(100)),
+                election_min: ms(args
+                    .election_timeout_min_ms
+                    .or(file.election_timeout_min_ms)
+                    .unwrap_or(1000)),
+                election_max: ms(args
+                    .election_timeout_max_ms
+                    .or(file.election_timeout_max_ms)
+                    .unwrap_or(2000)),
+                snapshot_logs: args.snapshot_logs.or(file.snapshot_logs).unwrap_or(20_000),
+            },
+            memory_budget_bytes: args
+                .memory_budget_mb
+                .or(file.memory_budget_mb)
+                .unwrap_or(64)
+                << 20,
+            limits: Limits {
+                max_key_bytes: args
+                    .max_key_bytes
+                    .or(file.max_key_bytes)
+                    .unwrap_or(defaults.max_key_bytes),
+                max_value_bytes: args
+                    .max_value_bytes
+                    .or(file.max_value_bytes)
+                    .unwrap_or(defaults.max_value_bytes),
+                max_batch_ops: args
+                    .max_batch_ops
+                    .or(file.max_batch_ops)
+                    .unwrap_or(defaults.max_batch_ops),
+                max_message_bytes: args
+                    .max_message_bytes
+                    .or(file.max_message_bytes)
+                    .unwrap_or(defaults.max_message_bytes),
+            },
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> anyhow::Result<()> {
+        if self.shards == 0 || self.shards > strata_proto::keyspace::SLOT_COUNT {
+            bail!(
+                "shards must be in 1..={}",
+                strata_proto::keyspace::SLOT_COUNT
+            );
+        }
+        if self.replication == 0 {
+            bail!("replication must be >= 1");
+        }
+        if self.raft.election_min <= self.raft.heartbeat * 3 {
+            bail!("election timeout min must exceed 3 heartbeats");
+        }
+        if self.raft.election_max <= self.raft.election_min {
+            bail!("election timeout max must exceed min");
+        }
+        if self.memory_budget_bytes < 8 << 20 {
+            bail!("memory budget must be at least 8 MiB");
+        }
+        Ok(())
+    }
+}
+
+fn ms(v: u64) -> Duration {
+    Duration::from_millis(v)
+}
+
+/// Parses `ID=CLIENT_ADDR/PEER_ADDR,...`.
+pub fn parse_initial_cluster(spec: &str) -> anyhow::Result<Vec<NodeSpec>> {
+    let mut nodes: Vec<NodeSpec> = Vec::new();
+    for item in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let (id, addrs) = item
+            .split_once('=')
+            .with_context(|| format!("initial cluster entry {item:?}: expected ID=CLIENT/PEER"))?;
+        let (client, peer) = addrs
+            .split_once('/')
+            .with_context(|| format!("initial cluster entry {item:?}: expected ID=CLIENT/PEER"))?;
+        let id: u64 = id
+            .parse()
+            .with_context(|| format!("initial cluster entry {item:?}: bad node id"))?;
+        if id == 0 {
+            bail!("initial cluster entry {item:?}: node id must be > 0");
+        }
+        for addr in [client, peer] {
+            addr.parse::<SocketAddr>()
+                .with_context(|| format!("initial cluster entry {item:?}: bad address {addr:?}"))?;
+        }
+        if nodes.iter().any(|n| n.id == id) {
+            bail!("initial cluster lists node id {id} twice");
+        }
+        nodes.push(NodeSpec {
+            id,
+            client_addr: client.to_string(),
+            peer_addr: peer.to_string(),
+        });
+    }
+    if nodes.is_empty() {
+        bail!("initial cluster is empty");
+    }
+    Ok(nodes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_override_file_which_overrides_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node.toml");
+        std::fs::write(&path, "id = 2\nshards = 4\nheartbeat_ms = 50\nelection_timeout_min_ms = 500\nelection_timeout_max_ms = 900\n").unwrap();
+        let args = Args {
+            config: Some(path),
+            shards: Some(16),
+            initial_cluster: Some("2=127.0.0.1:1/127.0.0.1:2".into()),
+            ..Default::default()
+        };
+        let c = NodeConfig::resolve(args).unwrap();
+        assert_eq!(c.id, 2, "from file");
+        assert_eq!(c.shards, 16, "flag wins over file");
+        assert_eq!(c.raft.heartbeat, Duration::from_millis(50));
+        assert_eq!(c.replication, 3, "default");
+    }
+
+    #[test]
+    fn unknown_toml_keys_are_rejected() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node.toml");
+        std::fs::write(&path, "id = 1\nshard = 4\n").unwrap();
+        let err = NodeConfig::resolve(Args {
+            config: Some(path),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(format!("{err:#}").contains("shard"), "{err:#}");
+    }
+
+    #[test]
+    fn initial_cluster_is_validated() {
+        let ok = parse_initial_cluster(
+            "1=127.0.0.1:7101/127.0.0.1:7201,2=127.0.0.1:7102/127.0.0.1:7202",
+        )
+        .unwrap();
+        assert_eq!(ok.len(), 2);
+        assert_eq!(ok[1].peer_addr, "127.0.0.1:7202");
+        for bad in [
+            "",
+            "1=a/b",
+            "x=127.0.0.1:1/127.0.0.1:2",
+            "1=127.0.0.1:1",
+            "0=127.0.0.1:1/127.0.0.1:2",
+            "1=127.0.0.1:1/127.0.0.1:2,1=127.0.0.1:3/127.0.0.1:4",
+        ] {
+            assert!(parse_initial_cluster(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+}

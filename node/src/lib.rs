@@ -1,0 +1,25 @@
+//! A Strata storage node: one RocksDB shared by every Raft group the node hosts, the groups
+//! themselves (one per shard plus the meta group), and the gRPC services in front of them.
+//!
+//! Module map, in data-flow order:
+//!
+//! - [`config`]: the node's settings from flags, `STRATA_*` environment variables and a TOML file.
+//! - [`layout`]: the cluster layout — nodes, shards, their slot ranges and replicas — and the
+//!   initial placement computed at bootstrap.
+//! - [`limits`]: input validation (key, value, batch and message size limits).
+//! - [`error`]: the one table that maps every request error to a `tonic::Status` plus details.
+//! - [`storage`]: the RocksDB engine (column families, key encodings, the group-commit syncer),
+//!   the Raft log store and the state machine.
+//! - [`raft`]: the openraft wrapper: type config, commands, the peer network, group lifecycle.
+//!   The rest of the crate does not see openraft types beyond [`raft::Group`].
+//! - [`service`]: the gRPC services — `Kv` (client API), `Cluster` (map, status), `Raft` (peers).
+//! - [`server`]: wires everything together, serves until shutdown, then stops cleanly.
+
+pub mod config;
+pub mod error;
+pub mod layout;
+pub mod limits;
+pub mod raft;
+pub mod server;
+pub mod service;
+pub mod storage;

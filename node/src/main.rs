@@ -1,0 +1,41 @@
+//! `strata-node`: parses settings, sets up logging, runs the node until SIGINT/SIGTERM.
+
+use clap::Parser;
+use strata_node::config::{Args, NodeConfig};
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,openraft=warn".into()),
+        )
+        .with_target(false)
+        .init();
+    let config = match NodeConfig::resolve(Args::parse()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("strata-node: {e:#}");
+            std::process::exit(2);
+        }
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("strata-node")
+        .build()
+        .expect("tokio runtime");
+    if let Err(e) = runtime.block_on(strata_node::server::run(config, shutdown_signal())) {
+        tracing::error!("{e:#}");
+        eprintln!("strata-node: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+/// Resolves on the first SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

@@ -1,0 +1,222 @@
+//! One Raft group on this node, and the registry of all of them.
+//!
+//! [`Group`] is the only surface the services use: write a command, linearize a read, ask who
+//! leads, report status. It also classifies openraft's errors into the three write outcomes:
+//! rejected before proposing (definitely not applied), applied, or unknown.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use openraft::error::{ClientWriteError, RaftError};
+use openraft::type_config::async_runtime::watch::WatchReceiver;
+use openraft::{BasicNode, Config, ReadPolicy, ServerState, SnapshotPolicy};
+use openraft_multi::GroupNetworkFactory;
+use strata_proto::v1::GroupStatus;
+
+use super::network::{NetworkFactory, PeerPool};
+use super::types::{Command, Outcome, TypeConfig};
+use crate::config::RaftTimings;
+use crate::layout::{GroupId, NodeSpec};
+use crate::storage::{Engine, LogStore, StateMachine};
+
+/// The openraft instance of one group.
+pub type StrataRaft = openraft::Raft<TypeConfig, StateMachine>;
+
+/// Why a write did not return an outcome.
+#[derive(Debug)]
+pub enum WriteError {
+    /// Rejected before proposing: this node is not the leader (hint: leader id).
+    NotLeader(Option<u64>),
+    /// Proposed, fate unknown.
+    Unknown(String),
+}
+
+/// Why a linearizable read could not be served.
+#[derive(Debug)]
+pub enum ReadError {
+    /// This node is not the leader (hint: leader id).
+    NotLeader(Option<u64>),
+    /// Leadership could not be confirmed (no quorum, shutting down).
+    Unavailable(String),
+}
+
+/// One Raft group hosted on this node.
+pub struct Group {
+    /// The group id (0 = meta group, shards 1..).
+    pub id: GroupId,
+    raft: StrataRaft,
+}
+
+/// Openraft settings for every group, sized for a busy 2-core machine.
+fn raft_config(t: &RaftTimings) -> anyhow::Result<Arc<Config>> {
+    let config = Config {
+        cluster_name: "strata".into(),
+        heartbeat_interval: t.heartbeat.as_millis() as u64,
+        election_timeout_min: t.election_min.as_millis() as u64,
+        election_timeout_max: t.election_max.as_millis() as u64,
+        enable_pre_vote: Some(true),
+        snapshot_policy: SnapshotPolicy::LogsSinceLast(t.snapshot_logs),
+        max_in_snapshot_log_to_keep: 1000,
+        purge_batch_size: 256,
+        // Entries per AppendEntries: with values up to 1 MiB this bounds a message to what the
+        // peer transport accepts (see `server::PEER_MESSAGE_BYTES`).
+        max_payload_entries: 128,
+        // A snapshot transfer gets tens of seconds: small timeouts cause endless retries.
+        install_snapshot_timeout: 60_000,
+        ..Default::default()
+    };
+    Ok(Arc::new(config.validate()?))
+}
+
+impl Group {
+    /// Opens the group's storage and starts its Raft instance.
+    pub async fn start(
+        id: GroupId,
+        node_id: u64,
+        engine: Arc<Engine>,
+        pool: PeerPool,
+        timings: &RaftTimings,
+        snapshot_dir: PathBuf,
+    ) -> anyhow::Result<Group> {
+        let log = LogStore::new(engine.clone(), id);
+        let sm = StateMachine::open(engine, id, snapshot_dir)?;
+        let network: NetworkFactory = GroupNetworkFactory::new(pool, id);
+        let raft = StrataRaft::new(node_id, raft_config(timings)?, network, log, sm).await?;
+        Ok(Group { id, raft })
+    }
+
+    /// Forms the group with `members` as voters. Called once, at bootstrap, on one member.
+    pub async fn initialize(&self, members: &[&NodeSpec]) -> anyhow::Result<()> {
+        let nodes: std::collections::BTreeMap<u64, BasicNode> = members
+            .iter()
+            .map(|n| (n.id, BasicNode::new(&n.peer_addr)))
+            .collect();
+        match self.raft.initialize(nodes).await {
+            Ok(()) => Ok(()),
+            Err(RaftError::APIError(e)) => {
+                // Already initialized (a restart during bootstrap): nothing to do.
+                tracing::info!(group = self.id, "initialize skipped: {e}");
+                Ok(())
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// The openraft handle, for the peer transport.
+    pub fn raft(&self) -> &StrataRaft {
+        &self.raft
+    }
+
+    /// Whether this node currently leads the group.
+    pub fn is_leader(&self) -> bool {
+        self.raft.is_leader()
+    }
+
+    /// The leader this node knows of.
+    pub fn leader(&self) -> Option<u64> {
+        self.raft.metrics().borrow_watched().current_leader
+    }
+
+    /// Proposes `cmd` and waits for its outcome.
+    pub async fn write(&self, cmd: Command) -> Result<Outcome, WriteError> {
+        match self.raft.client_write(cmd).await {
+            Ok(resp) => Ok(resp.data),
+            // Rejected before its entry was appended: definitely not applied.
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+                Err(WriteError::NotLeader(f.leader_id))
+            }
+            // Appended, then discarded locally — but another leader may still commit it.
+            Err(RaftError::APIError(e)) => Err(WriteError::Unknown(e.to_string())),
+            Err(RaftError::Fatal(e)) => Err(WriteError::Unknown(e.to_string())),
+        }
+    }
+
+    /// Waits until this node may serve a linearizable read: leadership confirmed (ReadIndex or
+    /// lease) and the state machine applied up to the read index.
+    pub async fn linearize(&self, policy: ReadPolicy) -> Result<(), ReadError> {
+        use openraft::error::LinearizableReadError as L;
+        match self.raft.ensure_linearizable(policy).await {
+            Ok(_) => Ok(()),
+            Err(RaftError::APIError(L::ForwardToLeader(f))) => {
+                Err(ReadError::NotLeader(f.leader_id))
+            }
+            Err(e) => Err(ReadError::Unavailable(e.to_string())),
+        }
+    }
+
+    /// The group's state as this node sees it.
+    pub fn status(&self) -> GroupStatus {
+        let m = self.raft.metrics().borrow_watched().clone();
+        let role = match m.state {
+            ServerState::Leader => "leader",
+            ServerState::Follower => "follower",
+            ServerState::Candidate => "candidate",
+            ServerState::Learner => "learner",
+            ServerState::Shutdown => "shutdown",
+        };
+        GroupStatus {
+            group_id: self.id,
+            role: role.into(),
+            term: m.current_term,
+            leader: m.current_leader.unwrap_or(0),
+            last_log_index: m.last_log_index.unwrap_or(0),
+            applied_index: m.last_applied.map_or(0, |l| l.index()),
+            snapshot_index: m.snapshot.map_or(0, |l| l.index()),
+        }
+    }
+
+    /// Waits up to `timeout` for the group to know a leader.
+    pub async fn wait_for_leader(&self, timeout: Duration) -> bool {
+        self.raft
+            .wait(Some(timeout))
+            .metrics(|m| m.current_leader.is_some(), "leader known")
+            .await
+            .is_ok()
+    }
+
+    /// Stops the Raft instance.
+    pub async fn shutdown(&self) {
+        if let Err(e) = self.raft.shutdown().await {
+            tracing::warn!(group = self.id, "raft shutdown: {e}");
+        }
+    }
+}
+
+/// Every group hosted on this node, by id.
+#[derive(Default)]
+pub struct Groups {
+    /// A `std` lock: held only to clone an `Arc`, never across an await.
+    map: RwLock<HashMap<GroupId, Arc<Group>>>,
+}
+
+impl Groups {
+    /// Registers a started group.
+    pub fn insert(&self, group: Group) -> Arc<Group> {
+        let g = Arc::new(group);
+        self.map
+            .write()
+            .expect("groups poisoned")
+            .insert(g.id, g.clone());
+        g
+    }
+
+    /// The group `id`, if hosted here.
+    pub fn get(&self, id: GroupId) -> Option<Arc<Group>> {
+        self.map.read().expect("groups poisoned").get(&id).cloned()
+    }
+
+    /// All hosted groups, ordered by id.
+    pub fn all(&self) -> Vec<Arc<Group>> {
+        let mut v: Vec<_> = self
+            .map
+            .read()
+            .expect("groups poisoned")
+            .values()
+            .cloned()
+            .collect();
+        v.sort_by_key(|g| g.id);
+        v
+    }
+}

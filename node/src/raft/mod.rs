@@ -1,0 +1,15 @@
+//! The openraft wrapper. Everything that touches openraft's types lives here or in
+//! [`crate::storage`]; services see a [`Group`] with a small API.
+//!
+//! - [`types`]: the type configuration and the [`types::Command`] a shard's log carries.
+//! - [`codec`]: bincode encoding of openraft messages and log entries.
+//! - [`network`]: the peer pool: one tonic channel per peer node shared by every group.
+//! - [`group`]: one Raft group on this node — creation, writes, reads, status.
+
+pub mod codec;
+pub mod group;
+pub mod network;
+pub mod types;
+
+pub use group::{Group, Groups};
+pub use types::{BatchOp, Command, Op, Outcome, TypeConfig};

@@ -1,0 +1,250 @@
+//! The peer pool: one lazily-connected tonic channel per peer node, shared by every Raft group
+//! (openraft-multi's `GroupRouter`). Each RPC names its group; openraft's messages travel as
+//! bincode payloads, and the reply is the bincode of `Result<Response, String>`.
+//!
+//! Outgoing connections bind to the node's peer IP, so that with one loopback address per node a
+//! partition is a plain firewall rule between two addresses.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use openraft::error::{RPCError, ReplicationClosed, StreamingError, Unreachable};
+use openraft::network::{Backoff, RPCOption, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, TransferLeaderRequest,
+    TransferLeaderResponse, VoteRequest, VoteResponse,
+};
+use openraft::type_config::alias::{SnapshotOf, VoteOf};
+use openraft_multi::{GroupNetworkAdapter, GroupNetworkFactory, GroupRouter};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use strata_proto::v1::raft_client::RaftClient;
+use strata_proto::v1::{RaftRequest, SnapshotChunk};
+use tonic::transport::{Channel, Endpoint};
+
+use super::codec::{decode, encode};
+use super::TypeConfig;
+use crate::layout::{GroupId, NodeSpec};
+
+/// Snapshot data travels in chunks of this size.
+const SNAPSHOT_CHUNK_BYTES: usize = 1 << 20;
+
+/// Connections to every peer node, shared by all groups. Cheap to clone.
+#[derive(Clone)]
+pub struct PeerPool {
+    inner: Arc<PoolInner>,
+}
+
+struct PoolInner {
+    /// Peer address of every known node.
+    addrs: RwLock<HashMap<u64, String>>,
+    /// One client per peer, created on first use; tonic reconnects it as needed.
+    clients: Mutex<HashMap<u64, RaftClient<Channel>>>,
+    /// Local IP outgoing connections bind to (`None`: any).
+    bind_ip: Option<IpAddr>,
+    /// gRPC message size limit.
+    max_message: usize,
+}
+
+/// Which peer RPC to call.
+#[derive(Clone, Copy, Debug)]
+enum Rpc {
+    Append,
+    Vote,
+    PreVote,
+    TransferLeader,
+}
+
+impl PeerPool {
+    /// A pool knowing `nodes`; connections bind to `bind_ip` when given.
+    pub fn new(nodes: &[NodeSpec], bind_ip: Option<IpAddr>, max_message: usize) -> PeerPool {
+        let addrs = nodes.iter().map(|n| (n.id, n.peer_addr.clone())).collect();
+        PeerPool {
+            inner: Arc::new(PoolInner {
+                addrs: RwLock::new(addrs),
+                clients: Mutex::new(HashMap::new()),
+                bind_ip,
+                max_message,
+            }),
+        }
+    }
+
+    fn client(&self, target: u64) -> Result<RaftClient<Channel>, Unreachable<TypeConfig>> {
+        let mut clients = self.inner.clients.lock().expect("clients poisoned");
+        if let Some(c) = clients.get(&target) {
+            return Ok(c.clone());
+        }
+        let addr = self
+            .inner
+            .addrs
+            .read()
+            .expect("addrs poisoned")
+            .get(&target)
+            .cloned()
+            .ok_or_else(|| {
+                Unreachable::from_string(format!("node {target} has no known address"))
+            })?;
+        let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|e| Unreachable::from_string(format!("bad peer address {addr}: {e}")))?
+            .connect_timeout(Duration::from_secs(1))
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(5))
+            .keep_alive_timeout(Duration::from_secs(5))
+            .local_address(self.inner.bind_ip);
+        let client = RaftClient::new(endpoint.connect_lazy())
+            .max_decoding_message_size(self.inner.max_message)
+            .max_encoding_message_size(self.inner.max_message);
+        clients.insert(target, client.clone());
+        Ok(client)
+    }
+
+    async fn call<Req: Serialize, Resp: DeserializeOwned>(
+        &self,
+        target: u64,
+        group: GroupId,
+        rpc: Rpc,
+        req: &Req,
+        option: &RPCOption,
+    ) -> Result<Resp, RPCError<TypeConfig>> {
+        let mut client = self.client(target)?;
+        let mut request = tonic::Request::new(RaftRequest {
+            group_id: group,
+            payload: encode(req).into(),
+        });
+        request.set_timeout(option.hard_ttl());
+        let reply = match rpc {
+            Rpc::Append => client.append_entries(request).await,
+            Rpc::Vote => client.vote(request).await,
+            Rpc::PreVote => client.pre_vote(request).await,
+            Rpc::TransferLeader => client.transfer_leader(request).await,
+        };
+        let reply = reply
+            .map_err(|s| unreachable(target, rpc, &s))?
+            .into_inner();
+        decode_reply(&reply.payload)
+    }
+}
+
+fn unreachable(target: u64, rpc: Rpc, s: &tonic::Status) -> RPCError<TypeConfig> {
+    RPCError::Unreachable(Unreachable::from_string(format!(
+        "{rpc:?} to node {target}: {}: {}",
+        s.code(),
+        s.message()
+    )))
+}
+
+fn decode_reply<Resp: DeserializeOwned>(payload: &[u8]) -> Result<Resp, RPCError<TypeConfig>> {
+    let result: Result<Resp, String> =
+        decode(payload).map_err(|e| RPCError::Unreachable(Unreachable::new(&e)))?;
+    result.map_err(|e| RPCError::Unreachable(Unreachable::from_string(e)))
+}
+
+impl GroupRouter<TypeConfig, GroupId> for PeerPool {
+    type SnapshotData = Vec<u8>;
+
+    async fn append_entries(
+        &self,
+        target: u64,
+        group_id: GroupId,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
+        self.call(target, group_id, Rpc::Append, &rpc, &option)
+            .await
+    }
+
+    async fn vote(
+        &self,
+        target: u64,
+        group_id: GroupId,
+        rpc: VoteRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
+        self.call(target, group_id, Rpc::Vote, &rpc, &option).await
+    }
+
+    async fn pre_vote(
+        &self,
+        target: u64,
+        group_id: GroupId,
+        rpc: VoteRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
+        self.call(target, group_id, Rpc::PreVote, &rpc, &option)
+            .await
+    }
+
+    async fn transfer_leader(
+        &self,
+        target: u64,
+        group_id: GroupId,
+        req: TransferLeaderRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<TransferLeaderResponse<TypeConfig>, RPCError<TypeConfig>> {
+        self.call(target, group_id, Rpc::TransferLeader, &req, &option)
+            .await
+    }
+
+    async fn full_snapshot(
+        &self,
+        target: u64,
+        group_id: GroupId,
+        vote: VoteOf<TypeConfig>,
+        snapshot: SnapshotOf<TypeConfig, Vec<u8>>,
+        cancel: impl Future<Output = ReplicationClosed> + Send + 'static,
+        option: RPCOption,
+    ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
+        let mut client = self.client(target)?;
+        let header = encode(&(vote, snapshot.meta));
+        let data = snapshot.snapshot;
+        let mut chunks: Vec<SnapshotChunk> = data
+            .chunks(SNAPSHOT_CHUNK_BYTES)
+            .map(|c| SnapshotChunk {
+                group_id,
+                header: Default::default(),
+                data: bytes::Bytes::copy_from_slice(c),
+            })
+            .collect();
+        if chunks.is_empty() {
+            chunks.push(SnapshotChunk {
+                group_id,
+                ..Default::default()
+            });
+        }
+        chunks[0].header = header.into();
+        let mut request = tonic::Request::new(tokio_stream::iter(chunks));
+        request.set_timeout(option.hard_ttl());
+        let send = client.install_snapshot(request);
+        let reply = tokio::select! {
+            r = send => r,
+            closed = cancel => return Err(StreamingError::Closed(closed)),
+        };
+        let reply = reply
+            .map_err(|s| Unreachable::from_string(format!("snapshot to node {target}: {s}")))?
+            .into_inner();
+        decode_reply(&reply.payload).map_err(|e| match e {
+            RPCError::Unreachable(u) => StreamingError::Unreachable(u),
+            other => StreamingError::Unreachable(Unreachable::from_string(other.to_string())),
+        })
+    }
+
+    fn backoff(&self) -> Option<Backoff> {
+        // An unreachable peer is retried every 200 ms: fast enough to notice a restart, slow
+        // enough not to spin on a dead node.
+        Some(Backoff::new(std::iter::repeat(Duration::from_millis(200))))
+    }
+}
+
+/// The per-group network factory handed to openraft.
+pub type NetworkFactory = GroupNetworkFactory<PeerPool, GroupId>;
+
+impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
+    type Network = GroupNetworkAdapter<TypeConfig, GroupId, PeerPool>;
+
+    async fn new_client(&mut self, target: u64, _node: &openraft::BasicNode) -> Self::Network {
+        GroupNetworkAdapter::new(self.factory.clone(), target, self.group_id)
+    }
+}

@@ -1,0 +1,194 @@
+//! Starts a node — storage, groups, services — serves until told to stop, then stops cleanly:
+//! listeners close first (no new requests), then every Raft group shuts down, then storage closes.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use strata_proto::v1::cluster_server::ClusterServer;
+use strata_proto::v1::kv_server::KvServer;
+use strata_proto::v1::raft_server::RaftServer;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use crate::config::NodeConfig;
+use crate::layout::{Layout, META_GROUP};
+use crate::raft::network::PeerPool;
+use crate::raft::{Command, Group, Groups, Op};
+use crate::service::cluster::ClusterService;
+use crate::service::kv::KvService;
+use crate::service::transport::TransportService;
+use crate::service::NodeState;
+use crate::storage::Engine;
+
+/// Largest peer (Raft) message: AppendEntries carries up to 128 entries of up to 1 MiB each.
+pub const PEER_MESSAGE_BYTES: usize = 256 << 20;
+
+/// Key under which the meta group stores the layout.
+pub const LAYOUT_META_KEY: &[u8] = b"__strata/layout";
+
+/// Reserved client id of the node's own writes to the meta group.
+const BOOTSTRAP_CLIENT_ID: u64 = 1;
+
+/// Delay between starting two groups, so their election timers do not tick in lockstep.
+const GROUP_START_STAGGER: Duration = Duration::from_millis(15);
+
+/// Runs a node until `shutdown` resolves.
+pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let engine = Engine::open(&config.data_dir.join("db"), config.memory_budget_bytes)
+        .with_context(|| format!("open storage in {}", config.data_dir.display()))?;
+    let (layout, first_boot) = match engine.load_layout()? {
+        Some(layout) => (layout, false),
+        None => {
+            let layout = Layout::initial(
+                config.initial_cluster.clone(),
+                config.shards,
+                config.replication,
+            );
+            engine.save_layout(&layout)?;
+            (layout, true)
+        }
+    };
+    let Some(me) = layout.node(config.id).cloned() else {
+        bail!(
+            "node id {} is not part of the cluster stored in {}",
+            config.id,
+            config.data_dir.display()
+        );
+    };
+    tracing::info!(
+        node = config.id,
+        first_boot,
+        shards = layout.shards.len(),
+        epoch = layout.epoch,
+        "starting"
+    );
+
+    let bind_ip = Some(config.peer_addr.ip()).filter(|ip| !ip.is_unspecified());
+    let pool = PeerPool::new(&layout.nodes, bind_ip, PEER_MESSAGE_BYTES);
+    let groups = Groups::default();
+    let snapshot_dir = config.data_dir.join("snapshots");
+    for id in layout.groups_on(config.id) {
+        let g = Group::start(
+            id,
+            config.id,
+            engine.clone(),
+            pool.clone(),
+            &config.raft,
+            snapshot_dir.clone(),
+        )
+        .await
+        .with_context(|| format!("start group {id}"))?;
+        groups.insert(g);
+        tokio::time::sleep(GROUP_START_STAGGER).await;
+    }
+    let node = Arc::new(NodeState {
+        id: config.id,
+        layout,
+        groups,
+        limits: config.limits.clone(),
+        engine: engine.clone(),
+    });
+
+    let client_listener = TcpListener::bind(config.client_addr)
+        .await
+        .with_context(|| format!("listen for clients on {}", config.client_addr))?;
+    let peer_listener = TcpListener::bind(config.peer_addr)
+        .await
+        .with_context(|| format!("listen for peers on {}", config.peer_addr))?;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stopped = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let max_msg = config.limits.max_message_bytes;
+    let client_server = tonic::transport::Server::builder()
+        .add_service(KvServer::new(KvService::new(node.clone())).max_decoding_message_size(max_msg))
+        .add_service(ClusterServer::new(ClusterService::new(node.clone())))
+        .serve_with_incoming_shutdown(
+            TcpListenerStream::new(client_listener),
+            stopped(stop_rx.clone()),
+        );
+    let peer_server = tonic::transport::Server::builder()
+        .add_service(
+            RaftServer::new(TransportService::new(node.clone()))
+                .max_decoding_message_size(PEER_MESSAGE_BYTES)
+                .max_encoding_message_size(PEER_MESSAGE_BYTES),
+        )
+        .serve_with_incoming_shutdown(
+            TcpListenerStream::new(peer_listener),
+            stopped(stop_rx.clone()),
+        );
+    let client_task = tokio::spawn(client_server);
+    let peer_task = tokio::spawn(peer_server);
+
+    if first_boot {
+        bootstrap(&node).await?;
+    }
+    tracing::info!(node = me.id, client = %me.client_addr, peer = %me.peer_addr, "serving");
+
+    shutdown.await;
+    tracing::info!(node = me.id, "shutting down");
+    let _ = stop_tx.send(true);
+    let _ = client_task.await;
+    let _ = peer_task.await;
+    for g in node.groups.all() {
+        g.shutdown().await;
+    }
+    tracing::info!(node = me.id, "stopped");
+    Ok(())
+}
+
+/// First start of a fresh cluster: each group is initialized by its first replica (so initial
+/// leaders spread like the preferred leaders), and the meta group's first replica records the
+/// layout in the meta group.
+async fn bootstrap(node: &Arc<NodeState>) -> anyhow::Result<()> {
+    let layout = &node.layout;
+    for g in node.groups.all() {
+        let replicas = layout.replicas(g.id).unwrap_or_default();
+        if replicas.first() != Some(&node.id) {
+            continue;
+        }
+        let members: Vec<_> = replicas.iter().filter_map(|id| layout.node(*id)).collect();
+        g.initialize(&members)
+            .await
+            .with_context(|| format!("initialize group {}", g.id))?;
+    }
+    if layout.meta_replicas.first() == Some(&node.id) {
+        let node = node.clone();
+        tokio::spawn(async move { record_layout(&node).await });
+    }
+    Ok(())
+}
+
+/// Writes the layout into the meta group, retrying until a leader accepts it. The request id
+/// makes the retries idempotent.
+async fn record_layout(node: &NodeState) {
+    let Some(meta) = node.groups.get(META_GROUP) else {
+        return;
+    };
+    let value = serde_json::to_vec(&node.layout).expect("layout serializes");
+    let cmd = Command {
+        client_id: BOOTSTRAP_CLIENT_ID,
+        sequence: node.layout.epoch,
+        acked_below: 0,
+        op: Op::Put {
+            key: LAYOUT_META_KEY.into(),
+            value: value.into(),
+        },
+    };
+    for _ in 0..600 {
+        if meta.is_leader() {
+            match meta.write(cmd.clone()).await {
+                Ok(_) => {
+                    tracing::info!("layout recorded in the meta group");
+                    return;
+                }
+                Err(e) => tracing::debug!("record layout: {e:?}"),
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tracing::warn!("could not record the layout in the meta group: this node never led it");
+}

@@ -1,0 +1,104 @@
+//! The peer side of the Raft transport: decodes each request, hands it to the named group's
+//! openraft instance, and encodes `Result<Response, String>` back.
+
+use std::sync::Arc;
+
+use futures::StreamExt;
+use openraft::type_config::alias::{SnapshotMetaOf, VoteOf};
+use serde::Serialize;
+use strata_proto::v1::raft_server::Raft;
+use strata_proto::v1::{RaftReply, RaftRequest, SnapshotChunk};
+use tonic::{Request, Response, Status, Streaming};
+
+use super::NodeState;
+use crate::raft::codec::{decode, encode};
+use crate::raft::{Group, TypeConfig};
+
+/// The `Raft` gRPC service.
+pub struct TransportService {
+    node: Arc<NodeState>,
+}
+
+impl TransportService {
+    /// A transport service over `node`'s groups.
+    pub fn new(node: Arc<NodeState>) -> Self {
+        TransportService { node }
+    }
+
+    fn group(&self, id: u64) -> Result<Arc<Group>, Status> {
+        self.node.groups.get(id).ok_or_else(|| {
+            Status::not_found(format!("group {id} is not hosted on node {}", self.node.id))
+        })
+    }
+}
+
+fn reply<T: Serialize, E: std::fmt::Display>(r: Result<T, E>) -> Response<RaftReply> {
+    let r: Result<T, String> = r.map_err(|e| e.to_string());
+    Response::new(RaftReply {
+        payload: encode(&r).into(),
+    })
+}
+
+fn bad_payload(e: std::io::Error) -> Status {
+    Status::invalid_argument(format!("undecodable raft payload: {e}"))
+}
+
+#[tonic::async_trait]
+impl Raft for TransportService {
+    async fn append_entries(
+        &self,
+        req: Request<RaftRequest>,
+    ) -> Result<Response<RaftReply>, Status> {
+        let req = req.into_inner();
+        let g = self.group(req.group_id)?;
+        let rpc = decode(&req.payload).map_err(bad_payload)?;
+        Ok(reply(g.raft().append_entries(rpc).await))
+    }
+
+    async fn vote(&self, req: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
+        let req = req.into_inner();
+        let g = self.group(req.group_id)?;
+        let rpc = decode(&req.payload).map_err(bad_payload)?;
+        Ok(reply(g.raft().vote(rpc).await))
+    }
+
+    async fn pre_vote(&self, req: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
+        let req = req.into_inner();
+        let g = self.group(req.group_id)?;
+        let rpc = decode(&req.payload).map_err(bad_payload)?;
+        Ok(reply(g.raft().pre_vote(rpc).await))
+    }
+
+    async fn transfer_leader(
+        &self,
+        req: Request<RaftRequest>,
+    ) -> Result<Response<RaftReply>, Status> {
+        let req = req.into_inner();
+        let g = self.group(req.group_id)?;
+        let rpc = decode(&req.payload).map_err(bad_payload)?;
+        Ok(reply(g.raft().handle_transfer_leader(rpc).await))
+    }
+
+    async fn install_snapshot(
+        &self,
+        req: Request<Streaming<SnapshotChunk>>,
+    ) -> Result<Response<RaftReply>, Status> {
+        let mut stream = req.into_inner();
+        let first = stream
+            .next()
+            .await
+            .ok_or_else(|| Status::invalid_argument("empty snapshot stream"))??;
+        let g = self.group(first.group_id)?;
+        let (vote, meta): (VoteOf<TypeConfig>, SnapshotMetaOf<TypeConfig>) =
+            decode(&first.header).map_err(bad_payload)?;
+        let mut data = first.data.to_vec();
+        while let Some(chunk) = stream.next().await {
+            data.extend_from_slice(&chunk?.data);
+        }
+        let snapshot = openraft::Snapshot {
+            meta,
+            snapshot: data,
+        };
+        Ok(reply(g.raft().install_full_snapshot(vote, snapshot).await))
+    }
+}

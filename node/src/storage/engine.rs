@@ -1,0 +1,173 @@
+//! The node's RocksDB and its group-commit syncer.
+//!
+//! Group commit: a log append writes its entries without fsync (so they are readable at once) and
+//! hands its completion callback to the syncer thread. The syncer takes every callback waiting at
+//! that moment, from every group, issues **one** WAL fsync for all of them, and only then
+//! completes them. Under load one fsync acknowledges many appends; this is where write throughput
+//! comes from.
+
+use std::path::Path;
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+
+use openraft::storage::IOFlushed;
+use rocksdb::{
+    BlockBasedOptions, Cache, ColumnFamily, ColumnFamilyDescriptor, DBCompressionType, Options,
+    WriteBatch, WriteBufferManager, WriteOptions, DB,
+};
+
+use super::io_err;
+use super::keys::{CF_DATA, CF_LOG, CF_SM, CF_STATE, LAYOUT_KEY};
+use crate::layout::Layout;
+use crate::raft::TypeConfig;
+
+/// Most callbacks completed by one fsync; bounds the latency of the first waiter.
+const MAX_SYNC_BATCH: usize = 4096;
+
+/// The node's RocksDB plus the syncer feeding group commit.
+pub struct Engine {
+    db: Arc<DB>,
+    /// Completion callbacks waiting for the next WAL fsync. A `std` mutex: held only to send.
+    /// `None` once the engine is dropping.
+    sync_tx: Mutex<Option<mpsc::Sender<IOFlushed<TypeConfig>>>>,
+    /// The syncer thread, joined on drop so the database is closed when the engine is gone.
+    syncer: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Engine {
+    /// Opens (or creates) the database under `dir`, bounding memtables and block cache by
+    /// `memory_budget` bytes in total.
+    pub fn open(dir: &Path, memory_budget: usize) -> anyhow::Result<Arc<Engine>> {
+        std::fs::create_dir_all(dir)?;
+        // One budget: the block cache gets the budget, and memtables are charged against the same
+        // cache by the write buffer manager (at most half of it).
+        let cache = Cache::new_lru_cache(memory_budget);
+        let wbm = WriteBufferManager::new_write_buffer_manager_with_cache(
+            memory_budget / 2,
+            false,
+            cache.clone(),
+        );
+        let mut table = BlockBasedOptions::default();
+        table.set_block_cache(&cache);
+        table.set_cache_index_and_filter_blocks(true);
+
+        let mut db_opts = Options::default();
+        db_opts.create_if_missing(true);
+        db_opts.create_missing_column_families(true);
+        db_opts.set_write_buffer_manager(&wbm);
+        db_opts.set_max_background_jobs(2);
+        db_opts.set_keep_log_file_num(4);
+
+        let cf = |name: &str, compress: bool, buffer: usize| {
+            let mut o = Options::default();
+            o.set_block_based_table_factory(&table);
+            o.set_write_buffer_size(buffer);
+            // The log is written once, read rarely and deleted soon: compressing it wastes CPU.
+            o.set_compression_type(if compress {
+                DBCompressionType::Lz4
+            } else {
+                DBCompressionType::None
+            });
+            ColumnFamilyDescriptor::new(name, o)
+        };
+        let buffer = (memory_budget / 8).max(1 << 20);
+        let cfs = vec![
+            cf(CF_LOG, false, buffer),
+            cf(CF_STATE, false, 1 << 20),
+            cf(CF_DATA, true, buffer),
+            cf(CF_SM, false, buffer / 2),
+        ];
+        let db = Arc::new(DB::open_cf_descriptors(&db_opts, dir, cfs)?);
+
+        let (tx, rx) = mpsc::channel();
+        let sync_db = db.clone();
+        let syncer = std::thread::Builder::new()
+            .name("strata-wal-sync".into())
+            .spawn(move || run_syncer(&sync_db, rx))?;
+        Ok(Arc::new(Engine {
+            db,
+            sync_tx: Mutex::new(Some(tx)),
+            syncer: Some(syncer),
+        }))
+    }
+
+    /// The database.
+    pub fn db(&self) -> &DB {
+        &self.db
+    }
+
+    /// A column family handle (they are created at open, so this never fails).
+    pub fn cf(&self, name: &str) -> &ColumnFamily {
+        self.db
+            .cf_handle(name)
+            .expect("column family created at open")
+    }
+
+    /// Writes `batch`; with `sync` the WAL is fsynced before returning.
+    pub fn write(&self, batch: WriteBatch, sync: bool) -> std::io::Result<()> {
+        let mut opts = WriteOptions::default();
+        opts.set_sync(sync);
+        self.db.write_opt(batch, &opts).map_err(io_err)
+    }
+
+    /// Completes `callback` after the next WAL fsync (group commit).
+    pub fn complete_after_sync(&self, callback: IOFlushed<TypeConfig>) {
+        let guard = self.sync_tx.lock().expect("sync_tx poisoned");
+        let unsent = match guard.as_ref() {
+            Some(tx) => tx.send(callback).err().map(|mpsc::SendError(cb)| cb),
+            None => Some(callback),
+        };
+        if let Some(cb) = unsent {
+            cb.io_completed(Err(std::io::Error::other("WAL syncer stopped")));
+        }
+    }
+
+    /// The layout stored at bootstrap, if any.
+    pub fn load_layout(&self) -> anyhow::Result<Option<Layout>> {
+        match self.db.get_cf(self.cf(CF_STATE), LAYOUT_KEY)? {
+            Some(raw) => Ok(Some(serde_json::from_slice(&raw)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Stores the layout durably.
+    pub fn save_layout(&self, layout: &Layout) -> anyhow::Result<()> {
+        let mut b = WriteBatch::default();
+        b.put_cf(self.cf(CF_STATE), LAYOUT_KEY, serde_json::to_vec(layout)?);
+        self.write(b, true)?;
+        Ok(())
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        // Closing the channel ends the syncer after it completes what is queued.
+        self.sync_tx.lock().expect("sync_tx poisoned").take();
+        if let Some(h) = self.syncer.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+/// The syncer loop: wait for one callback, take all others already queued, fsync once, complete
+/// them all. Ends when every sender is gone.
+fn run_syncer(db: &DB, rx: mpsc::Receiver<IOFlushed<TypeConfig>>) {
+    let mut pending = Vec::with_capacity(64);
+    while let Ok(first) = rx.recv() {
+        pending.push(first);
+        while pending.len() < MAX_SYNC_BATCH {
+            match rx.try_recv() {
+                Ok(cb) => pending.push(cb),
+                Err(_) => break,
+            }
+        }
+        let result = db.flush_wal(true);
+        for cb in pending.drain(..) {
+            let r = match &result {
+                Ok(()) => Ok(()),
+                Err(e) => Err(std::io::Error::other(format!("WAL fsync failed: {e}"))),
+            };
+            cb.io_completed(r);
+        }
+    }
+}

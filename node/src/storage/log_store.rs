@@ -1,0 +1,191 @@
+//! openraft's log storage for one group, on the node's shared RocksDB.
+//!
+//! Contract kept here (openraft `RaftLogStorage`):
+//! - `append`: entries are written (readable) before it returns; the callback fires only after
+//!   the WAL fsync that covers them (group commit, see [`super::engine`]).
+//! - `save_vote`: written with `sync = true` before returning. Vote and appends go through the
+//!   same WAL in call order, so they are never reordered.
+//! - `truncate_after` / `purge`: delete a suffix / prefix; the purged marker is written in the
+//!   same batch as the deletion so the log never has a hole.
+
+use std::fmt::Debug;
+use std::ops::{Bound, RangeBounds};
+use std::sync::Arc;
+
+use openraft::entry::RaftEntry;
+use openraft::storage::{IOFlushed, LogState, RaftLogReader, RaftLogStorage};
+use openraft::type_config::alias::{EntryOf, LogIdOf, VoteOf};
+use rocksdb::{Direction, IteratorMode, ReadOptions, WriteBatch};
+
+use super::keys::{log_index, log_key, tag_key, CF_LOG, CF_STATE, TAG_PURGED, TAG_VOTE};
+use super::{io_err, Engine};
+use crate::layout::GroupId;
+use crate::raft::codec::{decode, encode};
+use crate::raft::TypeConfig;
+
+type Entry = EntryOf<TypeConfig>;
+type LogId = LogIdOf<TypeConfig>;
+type Vote = VoteOf<TypeConfig>;
+
+/// The Raft log of one group. Cheap to clone: clones share the engine.
+#[derive(Clone)]
+pub struct LogStore {
+    group: GroupId,
+    engine: Arc<Engine>,
+}
+
+impl LogStore {
+    /// The log of `group` in `engine`.
+    pub fn new(engine: Arc<Engine>, group: GroupId) -> LogStore {
+        LogStore { group, engine }
+    }
+
+    fn get_state<T: serde::de::DeserializeOwned>(&self, tag: u8) -> std::io::Result<Option<T>> {
+        let e = &self.engine;
+        match e
+            .db()
+            .get_cf(e.cf(CF_STATE), tag_key(self.group, tag))
+            .map_err(io_err)?
+        {
+            Some(raw) => decode(&raw).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// The last entry's log id, if the log holds any entry.
+    fn last_entry_id(&self) -> std::io::Result<Option<LogId>> {
+        let e = &self.engine;
+        let upper = log_key(self.group, u64::MAX);
+        let mode = IteratorMode::From(&upper, Direction::Reverse);
+        match e.db().iterator_cf(e.cf(CF_LOG), mode).next() {
+            Some(item) => {
+                let (k, v) = item.map_err(io_err)?;
+                if k[..8] != self.group.to_be_bytes() {
+                    return Ok(None);
+                }
+                let entry: Entry = decode(&v)?;
+                Ok(Some(entry.log_id()))
+            }
+            None => Ok(None),
+        }
+    }
+}
+
+/// Turns a range over log indexes into `[start, end)`.
+fn index_bounds<RB: RangeBounds<u64>>(range: &RB) -> (u64, u64) {
+    let start = match range.start_bound() {
+        Bound::Included(&s) => s,
+        Bound::Excluded(&s) => s + 1,
+        Bound::Unbounded => 0,
+    };
+    let end = match range.end_bound() {
+        Bound::Included(&e) => e.saturating_add(1),
+        Bound::Excluded(&e) => e,
+        Bound::Unbounded => u64::MAX,
+    };
+    (start, end)
+}
+
+impl RaftLogReader<TypeConfig> for LogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + Send>(
+        &mut self,
+        range: RB,
+    ) -> std::io::Result<Vec<Entry>> {
+        let (start, end) = index_bounds(&range);
+        if start >= end {
+            return Ok(Vec::new());
+        }
+        let e = &self.engine;
+        let mut opts = ReadOptions::default();
+        opts.set_iterate_upper_bound(log_key(self.group, end).to_vec());
+        let from = log_key(self.group, start);
+        let iter = e.db().iterator_cf_opt(
+            e.cf(CF_LOG),
+            opts,
+            IteratorMode::From(&from, Direction::Forward),
+        );
+        let mut out = Vec::new();
+        for item in iter {
+            let (k, v) = item.map_err(io_err)?;
+            debug_assert_eq!(log_index(&k), start + out.len() as u64, "hole in the log");
+            out.push(decode(&v)?);
+        }
+        Ok(out)
+    }
+
+    async fn read_vote(&mut self) -> std::io::Result<Option<Vote>> {
+        self.get_state(TAG_VOTE)
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for LogStore {
+    type LogReader = LogStore;
+
+    async fn get_log_state(&mut self) -> std::io::Result<LogState<TypeConfig>> {
+        let last_purged_log_id: Option<LogId> = self.get_state(TAG_PURGED)?;
+        let last_log_id = self.last_entry_id()?.or(last_purged_log_id);
+        Ok(LogState {
+            last_purged_log_id,
+            last_log_id,
+        })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote) -> std::io::Result<()> {
+        let e = &self.engine;
+        let mut b = WriteBatch::default();
+        b.put_cf(e.cf(CF_STATE), tag_key(self.group, TAG_VOTE), encode(vote));
+        e.write(b, true)
+    }
+
+    async fn append<I>(
+        &mut self,
+        entries: I,
+        callback: IOFlushed<TypeConfig>,
+    ) -> std::io::Result<()>
+    where
+        I: IntoIterator<Item = Entry> + Send,
+        I::IntoIter: Send,
+    {
+        let e = &self.engine;
+        let cf = e.cf(CF_LOG);
+        let mut b = WriteBatch::default();
+        for entry in entries {
+            b.put_cf(cf, log_key(self.group, entry.index()), encode(&entry));
+        }
+        e.write(b, false)?;
+        e.complete_after_sync(callback);
+        Ok(())
+    }
+
+    async fn truncate_after(&mut self, last_log_id: Option<LogId>) -> std::io::Result<()> {
+        let first_removed = last_log_id.map_or(0, |id| id.index() + 1);
+        let e = &self.engine;
+        let mut b = WriteBatch::default();
+        b.delete_range_cf(
+            e.cf(CF_LOG),
+            log_key(self.group, first_removed),
+            log_key(self.group + 1, 0),
+        );
+        e.write(b, false)
+    }
+
+    async fn purge(&mut self, log_id: LogId) -> std::io::Result<()> {
+        let e = &self.engine;
+        let mut b = WriteBatch::default();
+        b.put_cf(
+            e.cf(CF_STATE),
+            tag_key(self.group, TAG_PURGED),
+            encode(&log_id),
+        );
+        b.delete_range_cf(
+            e.cf(CF_LOG),
+            log_key(self.group, 0),
+            log_key(self.group, log_id.index() + 1),
+        );
+        e.write(b, false)
+    }
+}

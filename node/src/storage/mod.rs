@@ -1,0 +1,35 @@
+//! Storage: one RocksDB per node, shared by every Raft group on it.
+//!
+//! - [`keys`]: the key encodings of the column families.
+//! - [`engine`]: opening RocksDB with the memory budget, and the group-commit syncer.
+//! - [`log_store`]: openraft's log storage for one group.
+//! - [`state_machine`]: the KV state machine of one group (data, dedup table, applied id).
+//! - [`snapshot`]: snapshot format, build and install.
+//!
+//! Column families:
+//!
+//! | CF | key | value |
+//! |---|---|---|
+//! | `raft_log` | group ‖ index (big-endian) | bincode `Entry` |
+//! | `raft_state` | group ‖ tag | vote, last purged log id; node-wide: the layout |
+//! | `data` | group ‖ user key | version (8 bytes BE) ‖ value |
+//! | `sm_meta` | group ‖ tag ‖ … | last applied log id, membership, dedup table |
+//!
+//! Durability rules: a log append is acknowledged only after the WAL is fsynced (the syncer); the
+//! vote is written with `sync = true`; apply writes data and `sm_meta` in one `WriteBatch` without
+//! fsync (after a crash the group replays committed entries from its durable last-applied).
+
+pub mod engine;
+pub mod keys;
+pub mod log_store;
+pub mod snapshot;
+pub mod state_machine;
+
+pub use engine::Engine;
+pub use log_store::LogStore;
+pub use state_machine::StateMachine;
+
+/// Wraps a RocksDB error as an `io::Error`, the error type openraft's storage traits use.
+pub(crate) fn io_err(e: rocksdb::Error) -> std::io::Error {
+    std::io::Error::other(e)
+}

@@ -1,0 +1,385 @@
+//! Multi-node tests on real `strata-node` processes: routing to every shard, leader failover
+//! without losing acknowledged writes, catch-up after restart, exactly-once retries, and bad
+//! input that must change nothing.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::{phase, TestCluster};
+use strata_client::{BatchOp, Consistency, Error, ScanOptions};
+use strata_proto::v1::kv_client::KvClient;
+use strata_proto::v1::{BatchOp as PbBatchOp, BatchRequest, PutRequest, RequestId, ScanRequest};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acked_writes_survive_leader_kill_and_restarted_node_catches_up() {
+    let mut tc = TestCluster::start(3, 8).await;
+    let client = tc.client().await;
+
+    phase("write 200 keys: every shard receives writes");
+    let mut acked: BTreeMap<String, (u64, String)> = BTreeMap::new();
+    for i in 0..200 {
+        let (k, v) = (format!("user:{i}"), format!("v{i}"));
+        let version = client.put(k.clone(), v.clone()).await.expect("put");
+        acked.insert(k, (version, v));
+    }
+    let table = client.route_table().unwrap();
+    let mut per_shard = BTreeMap::new();
+    for k in acked.keys() {
+        *per_shard
+            .entry(table.shard_for_key(k.as_bytes()).id)
+            .or_insert(0) += 1;
+    }
+    assert_eq!(per_shard.len(), 8, "every shard got writes: {per_shard:?}");
+
+    phase("SIGKILL the leader of shard 1 while a writer keeps writing");
+    let victim = tc
+        .leader_of(&client, 1)
+        .await
+        .expect("shard 1 has a leader");
+    let writer = {
+        let client = client.clone();
+        tokio::spawn(async move {
+            let mut acked = Vec::new();
+            let mut worst_gap = Duration::ZERO;
+            let mut last_ok = Instant::now();
+            for i in 0..300 {
+                let (k, v) = (format!("during:{i}"), format!("d{i}"));
+                match client.put(k.clone(), v.clone()).await {
+                    Ok(version) => {
+                        worst_gap = worst_gap.max(last_ok.elapsed());
+                        last_ok = Instant::now();
+                        acked.push((k, version, v));
+                    }
+                    Err(e) => assert!(
+                        e.may_have_applied() || matches!(e, Error::Unavailable(_)),
+                        "{e}"
+                    ),
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            (acked, worst_gap)
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    tc.cluster.kill_node(victim).expect("kill leader");
+    let (during, worst_gap) = writer.await.expect("writer");
+    eprintln!(
+        "writes acknowledged during failover: {}; longest gap between acks: {worst_gap:?}",
+        during.len()
+    );
+    assert!(
+        during.len() >= 250,
+        "writes resumed after failover ({} of 300 acked)",
+        during.len()
+    );
+
+    phase("every acknowledged write is readable with its version");
+    let new_leader = tc
+        .leader_of(&client, 1)
+        .await
+        .expect("shard 1 elected a new leader");
+    assert_ne!(new_leader, victim);
+    for (k, (version, v)) in acked.iter() {
+        let r = client
+            .get(k.clone())
+            .await
+            .expect("get")
+            .expect("acked key present");
+        assert_eq!(
+            (r.version, r.value.as_ref()),
+            (*version, v.as_bytes()),
+            "{k}"
+        );
+    }
+    for (k, version, v) in &during {
+        let r = client
+            .get(k.clone())
+            .await
+            .expect("get")
+            .expect("acked key present");
+        assert_eq!(
+            (r.version, r.value.as_ref()),
+            (*version, v.as_bytes()),
+            "{k}"
+        );
+    }
+
+    phase("restart the killed node from its data dir: it catches up");
+    tc.cluster.start_node(victim).expect("restart");
+    client
+        .put("after-restart", "x")
+        .await
+        .expect("write after restart");
+    tc.wait_caught_up(&client, victim, Duration::from_secs(30))
+        .await;
+
+    phase("a stale read served by the restarted node sees the data");
+    let addr = tc
+        .cluster
+        .file()
+        .nodes
+        .iter()
+        .find(|n| n.id == victim)
+        .unwrap()
+        .client_addr
+        .clone();
+    let only_victim = strata_client::Client::connect([addr]).await.unwrap();
+    let status = only_victim
+        .node_status(&tc.cluster.file().nodes[(victim - 1) as usize].client_addr)
+        .await
+        .unwrap();
+    let hosted: Vec<u64> = status
+        .groups
+        .iter()
+        .map(|g| g.group_id)
+        .filter(|g| *g != 0)
+        .collect();
+    let mut checked = 0;
+    for (k, (version, v)) in &acked {
+        let shard = table.shard_for_key(k.as_bytes()).id;
+        if !hosted.contains(&shard) {
+            continue;
+        }
+        let mut kv = KvClient::connect(format!(
+            "http://{}",
+            tc.cluster.file().nodes[(victim - 1) as usize].client_addr
+        ))
+        .await
+        .unwrap();
+        let r = kv
+            .get(strata_proto::v1::GetRequest {
+                key: Bytes::from(k.clone()),
+                consistency: Consistency::Stale as i32,
+            })
+            .await
+            .expect("stale read on the restarted replica")
+            .into_inner();
+        assert!(r.found, "{k} missing on restarted node");
+        assert_eq!((r.version, r.value.as_ref()), (*version, v.as_bytes()));
+        checked += 1;
+    }
+    assert!(checked > 0);
+}
+
+/// Sends raw requests so the test controls the request id.
+async fn leader_kv(
+    tc: &TestCluster,
+    client: &strata_client::Client,
+    key: &str,
+) -> KvClient<tonic::transport::Channel> {
+    let shard = client
+        .route_table()
+        .unwrap()
+        .shard_for_key(key.as_bytes())
+        .id;
+    let leader = tc.leader_of(client, shard).await.expect("leader");
+    let addr = &tc
+        .cluster
+        .file()
+        .nodes
+        .iter()
+        .find(|n| n.id == leader)
+        .unwrap()
+        .client_addr;
+    KvClient::connect(format!("http://{addr}")).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retried_write_with_same_request_id_applies_once() {
+    let tc = TestCluster::start(3, 4).await;
+    let client = tc.client().await;
+    let mut kv = leader_kv(&tc, &client, "counter").await;
+    let put = |seq: u64, value: &'static str| PutRequest {
+        key: Bytes::from_static(b"counter"),
+        value: Bytes::from_static(value.as_bytes()),
+        request_id: Some(RequestId {
+            client_id: 4242,
+            sequence: seq,
+            acked_below: 1,
+        }),
+    };
+
+    phase("first attempt of write 1, then write 2");
+    let v1 = kv.put(put(1, "first")).await.unwrap().into_inner().version;
+    let v2 = kv.put(put(2, "second")).await.unwrap().into_inner().version;
+    assert!(v2 > v1);
+
+    phase("a retry of write 1 returns its original outcome and applies nothing");
+    let again = kv.put(put(1, "first")).await.unwrap().into_inner().version;
+    assert_eq!(again, v1);
+    let r = client.get("counter").await.unwrap().unwrap();
+    assert_eq!((r.version, r.value.as_ref()), (v2, &b"second"[..]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_is_rejected_with_a_reason_and_writes_nothing() {
+    let tc = TestCluster::start(3, 8).await;
+    let client = tc.client().await;
+    client.put("{user:1}:name", "ada").await.unwrap();
+    let before = client.scan(ScanOptions::default()).await.unwrap();
+
+    phase("client API rejects bad keys, values and batches");
+    let invalid = |r: Result<u64, Error>, needle: &str| match r {
+        Err(Error::InvalidArgument(m)) => assert!(m.contains(needle), "{m:?} lacks {needle:?}"),
+        other => panic!("expected InvalidArgument({needle}), got {other:?}"),
+    };
+    invalid(client.put("", "v").await, "key is empty");
+    invalid(client.put(vec![b'k'; 4097], "v").await, "4097");
+    invalid(client.put("k", vec![0u8; (1 << 20) + 1]).await, "value is");
+    let (a, b) = distinct_shard_keys(&client);
+    invalid(
+        client
+            .batch(vec![
+                BatchOp::Put(a.clone().into(), "1".into()),
+                BatchOp::Put(b.clone().into(), "2".into()),
+            ])
+            .await,
+        "spans shards",
+    );
+    let too_many: Vec<BatchOp> = (0..129)
+        .map(|i| BatchOp::Put(format!("{{t}}:{i}").into(), "v".into()))
+        .collect();
+    invalid(client.batch(too_many).await, "129 operations");
+
+    phase("raw requests: unknown shard, missing request id, cross-shard batch");
+    let mut kv = leader_kv(&tc, &client, "{user:1}:name").await;
+    let err = kv
+        .scan(ScanRequest {
+            shard_id: 99,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(
+        err.message().contains("unknown shard 99"),
+        "{}",
+        err.message()
+    );
+    let err = kv
+        .put(PutRequest {
+            key: Bytes::from_static(b"{user:1}:x"),
+            value: Bytes::from_static(b"v"),
+            request_id: None,
+        })
+        .await
+        .unwrap_err();
+    assert!(err.message().contains("request_id"), "{}", err.message());
+    let err = kv
+        .batch(BatchRequest {
+            ops: vec![
+                PbBatchOp {
+                    key: a.into(),
+                    value: Bytes::from_static(b"1"),
+                    delete: false,
+                },
+                PbBatchOp {
+                    key: b.into(),
+                    value: Bytes::from_static(b"2"),
+                    delete: false,
+                },
+            ],
+            request_id: Some(RequestId {
+                client_id: 9,
+                sequence: 1,
+                acked_below: 0,
+            }),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(err.message().contains("spans shards"), "{}", err.message());
+
+    phase("nothing was written and the cluster keeps serving");
+    assert_eq!(client.scan(ScanOptions::default()).await.unwrap(), before);
+    client
+        .put("{user:1}:age", "36")
+        .await
+        .expect("still serving");
+    let batch_version = client
+        .batch(vec![
+            BatchOp::Put("{user:2}:name".into(), "bob".into()),
+            BatchOp::Put("{user:2}:age".into(), "40".into()),
+        ])
+        .await
+        .expect("same-tag batch is one shard");
+    let r = client.get("{user:2}:age").await.unwrap().unwrap();
+    assert_eq!(r.version, batch_version);
+}
+
+/// Two keys that live in different shards.
+fn distinct_shard_keys(client: &strata_client::Client) -> (String, String) {
+    let t = client.route_table().unwrap();
+    let a = "k0".to_string();
+    let sa = t.shard_for_key(a.as_bytes()).id;
+    let b = (1..)
+        .map(|i| format!("k{i}"))
+        .find(|k| t.shard_for_key(k.as_bytes()).id != sa)
+        .unwrap();
+    (a, b)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cas_and_scan_behave_across_shards() {
+    let tc = TestCluster::start(3, 8).await;
+    let client = tc.client().await;
+
+    phase("CAS: create-if-absent, compare on version, mismatch returns the current value");
+    let created = client
+        .cas("stock:1", 0, Some(Bytes::from_static(b"10")))
+        .await
+        .unwrap();
+    assert!(created.succeeded);
+    let again = client
+        .cas("stock:1", 0, Some(Bytes::from_static(b"99")))
+        .await
+        .unwrap();
+    assert!(!again.succeeded);
+    assert_eq!(again.version, created.version);
+    assert_eq!(again.current_value.as_deref(), Some(&b"10"[..]));
+    let next = client
+        .cas("stock:1", created.version, Some(Bytes::from_static(b"9")))
+        .await
+        .unwrap();
+    assert!(next.succeeded && next.version > created.version);
+    let gone = client.cas("stock:1", next.version, None).await.unwrap();
+    assert!(gone.succeeded);
+    assert!(client.get("stock:1").await.unwrap().is_none());
+
+    phase("scan by prefix merges every shard in key order");
+    for i in 0..50 {
+        client
+            .put(format!("item:{i:03}"), format!("{i}"))
+            .await
+            .unwrap();
+    }
+    client.put("other", "x").await.unwrap();
+    let items = client
+        .scan(ScanOptions {
+            prefix: Bytes::from_static(b"item:"),
+            limit: 20,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let keys: Vec<String> = items
+        .iter()
+        .map(|r| String::from_utf8(r.key.to_vec()).unwrap())
+        .collect();
+    let expected: Vec<String> = (0..20).map(|i| format!("item:{i:03}")).collect();
+    assert_eq!(keys, expected);
+    let range = client
+        .scan(ScanOptions {
+            start: Bytes::from_static(b"item:010"),
+            end: Bytes::from_static(b"item:015"),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(range.len(), 5);
+    assert!(client.delete("item:000").await.unwrap());
+    assert!(!client.delete("item:000").await.unwrap());
+}

@@ -1,0 +1,134 @@
+//! Shared fixture for the multi-node tests: a real cluster of `strata-node` processes on free
+//! loopback ports in a temporary directory. Processes are killed and the directory removed when
+//! the fixture drops, also when a test panics.
+
+use std::time::{Duration, Instant};
+
+use strata_client::{Client, ClientBuilder};
+use strata_cluster::launcher::{ClusterSpec, LocalCluster};
+
+/// Raft timings for tests: quicker elections than the production defaults.
+pub const FAST_RAFT: [&str; 6] = [
+    "--heartbeat-ms",
+    "50",
+    "--election-timeout-min-ms",
+    "500",
+    "--election-timeout-max-ms",
+    "1000",
+];
+
+/// A running test cluster.
+pub struct TestCluster {
+    pub cluster: LocalCluster,
+    // Dropped after `cluster` (fields drop in order): processes die before their data goes.
+    _dir: tempfile::TempDir,
+}
+
+impl TestCluster {
+    /// Starts `nodes` nodes with `shards` shards and waits until every group has a leader.
+    pub async fn start(nodes: usize, shards: u32) -> TestCluster {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let spec = ClusterSpec {
+            nodes,
+            shards,
+            base_port: None,
+            ip: "127.0.0.1".into(),
+        };
+        let mut cluster = LocalCluster::open_or_create(
+            dir.path(),
+            env!("CARGO_BIN_EXE_strata-node").as_ref(),
+            &spec,
+        )
+        .expect("create cluster")
+        .with_node_args(FAST_RAFT.iter().map(|s| s.to_string()));
+        cluster.start_all().expect("start nodes");
+        cluster
+            .wait_ready(Duration::from_secs(60))
+            .await
+            .expect("cluster ready");
+        TestCluster { cluster, _dir: dir }
+    }
+
+    /// A client with a deadline long enough to ride out a failover.
+    pub async fn client(&self) -> Client {
+        ClientBuilder::new(self.cluster.endpoints())
+            .deadline(Duration::from_secs(20))
+            .attempt_timeout(Duration::from_secs(2))
+            .connect()
+            .await
+            .expect("client connects")
+    }
+
+    /// The node currently leading `group`, asking every running node.
+    pub async fn leader_of(&self, client: &Client, group: u64) -> Option<u64> {
+        for n in &self.cluster.file().nodes {
+            if n.pid.is_none() {
+                continue;
+            }
+            if let Ok(st) = client.node_status(&n.client_addr).await {
+                if st
+                    .groups
+                    .iter()
+                    .any(|g| g.group_id == group && g.role == "leader")
+                {
+                    return Some(n.id);
+                }
+            }
+        }
+        None
+    }
+
+    /// Waits until every group replica on node `id` has applied as far as its group's leader.
+    pub async fn wait_caught_up(&self, client: &Client, id: u64, timeout: Duration) {
+        let until = Instant::now() + timeout;
+        let addr = |id: u64| {
+            self.cluster
+                .file()
+                .nodes
+                .iter()
+                .find(|n| n.id == id)
+                .unwrap()
+                .client_addr
+                .clone()
+        };
+        loop {
+            let mut behind = Vec::new();
+            match client.node_status(&addr(id)).await {
+                Ok(st) => {
+                    for g in &st.groups {
+                        let Some(leader) = self.leader_of(client, g.group_id).await else {
+                            behind.push(format!("group {} has no leader", g.group_id));
+                            continue;
+                        };
+                        let lst = client.node_status(&addr(leader)).await.unwrap();
+                        let lg = lst
+                            .groups
+                            .iter()
+                            .find(|x| x.group_id == g.group_id)
+                            .unwrap();
+                        if g.applied_index < lg.applied_index {
+                            behind.push(format!(
+                                "group {}: {} < {}",
+                                g.group_id, g.applied_index, lg.applied_index
+                            ));
+                        }
+                    }
+                }
+                Err(e) => behind.push(e.to_string()),
+            }
+            if behind.is_empty() {
+                return;
+            }
+            assert!(
+                Instant::now() < until,
+                "node {id} did not catch up: {behind:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+/// Logs a test phase, so a failure shows how far the test got.
+pub fn phase(msg: &str) {
+    eprintln!("--- {msg}");
+}
