@@ -11,7 +11,7 @@ use strata_proto::v1::kv_server::KvServer;
 use strata_proto::v1::raft_server::RaftServer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::server::TcpIncoming;
 
 use crate::config::NodeConfig;
 use crate::layout::{Layout, META_GROUP};
@@ -106,20 +106,14 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> anyh
     let client_server = tonic::transport::Server::builder()
         .add_service(KvServer::new(KvService::new(node.clone())).max_decoding_message_size(max_msg))
         .add_service(ClusterServer::new(ClusterService::new(node.clone())))
-        .serve_with_incoming_shutdown(
-            TcpListenerStream::new(client_listener),
-            stopped(stop_rx.clone()),
-        );
+        .serve_with_incoming_shutdown(incoming(client_listener), stopped(stop_rx.clone()));
     let peer_server = tonic::transport::Server::builder()
         .add_service(
             RaftServer::new(TransportService::new(node.clone()))
                 .max_decoding_message_size(PEER_MESSAGE_BYTES)
                 .max_encoding_message_size(PEER_MESSAGE_BYTES),
         )
-        .serve_with_incoming_shutdown(
-            TcpListenerStream::new(peer_listener),
-            stopped(stop_rx.clone()),
-        );
+        .serve_with_incoming_shutdown(incoming(peer_listener), stopped(stop_rx.clone()));
     let client_task = tokio::spawn(client_server);
     let peer_task = tokio::spawn(peer_server);
 
@@ -138,6 +132,12 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> anyh
     }
     tracing::info!(node = me.id, "stopped");
     Ok(())
+}
+
+/// Accepted connections with Nagle off: replies are small and latency-bound, and Nagle plus
+/// delayed ACKs would hold them back by tens of milliseconds.
+fn incoming(listener: TcpListener) -> TcpIncoming {
+    TcpIncoming::from(listener).with_nodelay(Some(true))
 }
 
 /// First start of a fresh cluster: each group is initialized by its first replica (so initial

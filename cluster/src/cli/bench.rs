@@ -12,7 +12,11 @@ use hdrhistogram::Histogram;
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
-use strata_client::Client;
+use strata_client::{Client, Consistency};
+use tonic::transport::{Channel, Endpoint};
+
+use crate::etcd;
+use crate::etcd::kv_client::KvClient;
 
 use super::output::{json, table};
 use super::{parse_duration, Cli, Format};
@@ -29,9 +33,25 @@ pub enum Workload {
     Mixed,
 }
 
+/// What is measured.
+#[derive(ValueEnum, Clone, Copy, Debug, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Target {
+    /// A Strata cluster (the `--endpoints`).
+    Strata,
+    /// An etcd v3 cluster at `--endpoints`, driven by the same harness for side-by-side figures.
+    Etcd,
+}
+
 /// `strata bench`.
 #[derive(Args, Debug)]
 pub struct BenchArgs {
+    /// The system under test.
+    #[arg(long, value_enum, default_value = "strata")]
+    pub target: Target,
+    /// Serve gets from any replica (Strata `STALE`, etcd serializable) instead of linearizably.
+    #[arg(long)]
+    pub stale_reads: bool,
     /// Operation mix.
     #[arg(long, value_enum, default_value = "put")]
     pub workload: Workload,
@@ -55,6 +75,8 @@ pub struct BenchArgs {
 /// The report.
 #[derive(Serialize, Debug)]
 pub struct BenchReport {
+    /// System measured.
+    pub target: Target,
     /// Workload run.
     pub workload: Workload,
     /// Workers.
@@ -85,18 +107,70 @@ fn key(i: u64) -> Bytes {
     Bytes::from(format!("bench:{i:08}"))
 }
 
+/// One connection to the system under test.
+#[derive(Clone)]
+enum Store {
+    Strata(Client, Consistency),
+    Etcd(KvClient<Channel>, bool),
+}
+
+impl Store {
+    async fn connect(cli: &Cli, a: &BenchArgs, i: usize) -> anyhow::Result<Store> {
+        Ok(match a.target {
+            Target::Strata => {
+                let c = if a.stale_reads {
+                    Consistency::Stale
+                } else {
+                    Consistency::Linearizable
+                };
+                Store::Strata(cli.client().await?, c)
+            }
+            Target::Etcd => {
+                let endpoints = cli.resolved_endpoints()?;
+                let addr = &endpoints[i % endpoints.len()];
+                let ch = Endpoint::from_shared(format!("http://{addr}"))?
+                    .tcp_nodelay(true)
+                    .connect()
+                    .await?;
+                Store::Etcd(KvClient::new(ch), a.stale_reads)
+            }
+        })
+    }
+
+    async fn put(&self, key: Bytes, value: Bytes) -> bool {
+        match self {
+            Store::Strata(c, _) => c.put(key, value).await.is_ok(),
+            Store::Etcd(c, _) => c.clone().put(etcd::PutRequest { key, value }).await.is_ok(),
+        }
+    }
+
+    async fn get(&self, key: Bytes) -> bool {
+        match self {
+            Store::Strata(c, consistency) => c.get_with(key, *consistency).await.is_ok(),
+            Store::Etcd(c, serializable) => c
+                .clone()
+                .range(etcd::RangeRequest {
+                    key,
+                    serializable: *serializable,
+                })
+                .await
+                .is_ok(),
+        }
+    }
+}
+
 /// Runs `strata bench`.
 pub async fn run(cli: &Cli, a: &BenchArgs) -> anyhow::Result<()> {
     if a.clients == 0 || a.keys == 0 || a.connections == 0 {
         anyhow::bail!("--clients, --keys and --connections must be at least 1");
     }
     let mut clients = Vec::new();
-    for _ in 0..a.connections {
-        clients.push(cli.client().await?);
+    for i in 0..a.connections {
+        clients.push(Store::connect(cli, a, i).await?);
     }
     let value = Bytes::from(vec![b'x'; a.value_size]);
     if a.workload != Workload::Put {
-        preload(&clients[0], a.keys, &value).await?;
+        preload(&clients, a.keys, &value).await?;
     }
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -126,9 +200,9 @@ pub async fn run(cli: &Cli, a: &BenchArgs) -> anyhow::Result<()> {
                 };
                 let t = Instant::now();
                 let ok = if write {
-                    client.put(k, value.clone()).await.is_ok()
+                    client.put(k, value.clone()).await
                 } else {
-                    client.get(k).await.is_ok()
+                    client.get(k).await
                 };
                 if ok {
                     hist.saturating_record(t.elapsed().as_micros() as u64);
@@ -161,6 +235,7 @@ pub async fn run(cli: &Cli, a: &BenchArgs) -> anyhow::Result<()> {
     bar.finish_and_clear();
     let ms = |q: f64| hist.value_at_quantile(q) as f64 / 1000.0;
     let report = BenchReport {
+        target: a.target,
         workload: a.workload,
         clients: a.clients,
         duration_s: elapsed,
@@ -183,6 +258,7 @@ pub async fn run(cli: &Cli, a: &BenchArgs) -> anyhow::Result<()> {
                     "ERRORS",
                 ],
                 &[vec![
+                    format!("{:?}", report.target).to_lowercase(),
                     format!("{:?}", report.workload).to_lowercase(),
                     report.clients.to_string(),
                     format!("{:.0}", report.ops_per_sec),
@@ -200,7 +276,7 @@ pub async fn run(cli: &Cli, a: &BenchArgs) -> anyhow::Result<()> {
 }
 
 /// Writes every key once so reads find them (64 writes in flight).
-async fn preload(client: &Client, keys: u64, value: &Bytes) -> anyhow::Result<()> {
+async fn preload(clients: &[Store], keys: u64, value: &Bytes) -> anyhow::Result<()> {
     use futures::StreamExt;
     let bar = ProgressBar::new(keys);
     bar.set_style(ProgressStyle::with_template(
@@ -208,12 +284,14 @@ async fn preload(client: &Client, keys: u64, value: &Bytes) -> anyhow::Result<()
     )?);
     let mut results = futures::stream::iter(0..keys)
         .map(|i| {
-            let (client, value) = (client.clone(), value.clone());
+            let (client, value) = (clients[i as usize % clients.len()].clone(), value.clone());
             async move { client.put(key(i), value).await }
         })
         .buffer_unordered(64);
-    while let Some(r) = results.next().await {
-        r?;
+    while let Some(ok) = results.next().await {
+        if !ok {
+            anyhow::bail!("preload write failed");
+        }
         bar.inc(1);
     }
     bar.finish_and_clear();
