@@ -19,6 +19,9 @@ use crate::session::Session;
 
 pub use strata_proto::v1::Consistency;
 
+/// Longest pause between two attempts of one operation.
+const MAX_BACKOFF: Duration = Duration::from_millis(250);
+
 /// A stored value and its version (the log index that last wrote it).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Record {
@@ -268,13 +271,11 @@ impl Client {
                     .cloned()
                     .ok_or_else(|| Error::InvalidArgument(format!("unknown shard {id}")))?,
             };
-            let cached = self
-                .inner
-                .leaders
-                .lock()
-                .expect("leaders poisoned")
-                .get(shard.id);
-            let node = cached.unwrap_or(shard.replicas[attempt % shard.replicas.len()]);
+            let node = self.inner.leaders.lock().expect("leaders poisoned").pick(
+                shard.id,
+                &shard.replicas,
+                attempt,
+            );
             attempt += 1;
             let addr = table.nodes.get(&node).cloned().unwrap_or_default();
             let outcome = match self.channel(&addr) {
@@ -289,11 +290,9 @@ impl Client {
             };
             let status = match outcome {
                 Ok(v) => {
-                    self.inner
-                        .leaders
-                        .lock()
-                        .expect("leaders poisoned")
-                        .set(shard.id, node);
+                    let mut leaders = self.inner.leaders.lock().expect("leaders poisoned");
+                    leaders.answered(node);
+                    leaders.set(shard.id, node);
                     return Ok(v);
                 }
                 Err(status) => status,
@@ -330,14 +329,17 @@ impl Client {
                 }
                 Verdict::Retry {
                     may_have_applied: m,
+                    node_failed,
                     reason,
                 } => {
                     may_have_applied |= m;
-                    self.inner
-                        .leaders
-                        .lock()
-                        .expect("leaders poisoned")
-                        .forget(shard.id);
+                    let mut leaders = self.inner.leaders.lock().expect("leaders poisoned");
+                    leaders.forget(shard.id);
+                    if node_failed {
+                        leaders.suspect(node);
+                        // Another replica can be tried at once.
+                        wait = attempt.is_multiple_of(shard.replicas.len());
+                    }
                     last = reason;
                 }
             }
@@ -354,7 +356,7 @@ impl Client {
                 let jitter =
                     Duration::from_millis(rand::random::<u64>() % (backoff.as_millis() as u64 + 1));
                 tokio::time::sleep((backoff + jitter).min(deadline - now)).await;
-                backoff = (backoff * 2).min(Duration::from_millis(500));
+                backoff = (backoff * 2).min(MAX_BACKOFF);
             }
         }
     }

@@ -40,9 +40,11 @@ pub(crate) enum Verdict {
     NotLeader(Option<u64>),
     /// Refresh the shard map and retry — nothing was proposed.
     WrongShard,
-    /// Retry later, maybe elsewhere; `may_have_applied` when the write may have been proposed.
+    /// Retry later, maybe elsewhere; `may_have_applied` when the write may have been proposed,
+    /// `node_failed` when the node did not answer (transport error or timeout).
     Retry {
         may_have_applied: bool,
+        node_failed: bool,
         reason: String,
     },
     /// Stop: the error is final.
@@ -61,10 +63,12 @@ pub(crate) fn classify(status: &tonic::Status, is_write: bool) -> Verdict {
             "WrongShard" => Verdict::WrongShard,
             "Unavailable" => Verdict::Retry {
                 may_have_applied: false,
+                node_failed: false,
                 reason,
             },
             "OutcomeUnknown" => Verdict::Retry {
                 may_have_applied: true,
+                node_failed: false,
                 reason,
             },
             "InvalidArgument" => {
@@ -84,10 +88,12 @@ pub(crate) fn classify(status: &tonic::Status, is_write: bool) -> Verdict {
             // A refused connection never delivered the request.
             tonic::Code::Unavailable if is_connect_error(status) => Verdict::Retry {
                 may_have_applied: false,
+                node_failed: true,
                 reason,
             },
             _ => Verdict::Retry {
                 may_have_applied: is_write,
+                node_failed: true,
                 reason,
             },
         },

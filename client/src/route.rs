@@ -2,6 +2,7 @@
 //! node leads each shard, learned from replies and `NotLeader` hints.
 
 use std::collections::HashMap;
+use std::time::{Duration, Instant};
 
 use strata_proto::keyspace::slot_of;
 use strata_proto::v1::ShardMap;
@@ -87,10 +88,17 @@ impl RouteTable {
     }
 }
 
-/// Which node leads which shard, as last learned.
+/// How long a node that failed at the transport level is avoided.
+const SUSPECT_FOR: Duration = Duration::from_secs(1);
+
+/// Which node leads which shard, as last learned, and which nodes just failed to answer.
 #[derive(Debug, Default)]
 pub struct LeaderCache {
     leaders: HashMap<u64, u64>,
+    /// Nodes whose connection failed or timed out, and when. During a failover, followers keep
+    /// naming the dead leader until they elect a new one; avoiding it for a moment sends the
+    /// retries to live replicas instead.
+    suspects: HashMap<u64, Instant>,
 }
 
 impl LeaderCache {
@@ -99,9 +107,41 @@ impl LeaderCache {
         self.leaders.get(&shard).copied()
     }
 
-    /// Records `node` as the leader of `shard`.
+    /// Records `node` as the leader of `shard`, unless the node just failed to answer.
     pub fn set(&mut self, shard: u64, node: u64) {
-        self.leaders.insert(shard, node);
+        if !self.is_suspect(node) {
+            self.leaders.insert(shard, node);
+        }
+    }
+
+    /// The node to try for `shard` on attempt `attempt`: the cached leader, else the replicas in
+    /// turn, skipping nodes that just failed (unless all of them did).
+    pub fn pick(&self, shard: u64, replicas: &[u64], attempt: usize) -> u64 {
+        if let Some(l) = self.get(shard).filter(|l| !self.is_suspect(*l)) {
+            return l;
+        }
+        let n = replicas.len();
+        (0..n)
+            .map(|i| replicas[(attempt + i) % n])
+            .find(|r| !self.is_suspect(*r))
+            .unwrap_or(replicas[attempt % n])
+    }
+
+    /// Marks `node` as failing at the transport level.
+    pub fn suspect(&mut self, node: u64) {
+        self.suspects.insert(node, Instant::now());
+        self.leaders.retain(|_, l| *l != node);
+    }
+
+    /// Clears `node`'s suspicion after it answered.
+    pub fn answered(&mut self, node: u64) {
+        self.suspects.remove(&node);
+    }
+
+    fn is_suspect(&self, node: u64) -> bool {
+        self.suspects
+            .get(&node)
+            .is_some_and(|t| t.elapsed() < SUSPECT_FOR)
     }
 
     /// Forgets the leader of `shard`.
@@ -149,5 +189,24 @@ mod tests {
         }
         assert!(RouteTable::from_map(map(&[(0, 2000), (2048, 4096)])).is_err());
         assert!(RouteTable::from_map(map(&[(0, 2048)])).is_err());
+    }
+
+    #[test]
+    fn suspect_nodes_are_skipped_and_not_cached_as_leader() {
+        let mut c = LeaderCache::default();
+        c.set(1, 2);
+        assert_eq!(c.pick(1, &[1, 2, 3], 0), 2);
+        c.suspect(2);
+        assert_eq!(c.get(1), None, "a failing leader is forgotten");
+        c.set(1, 2);
+        assert_eq!(c.get(1), None, "hints naming a failing node are ignored");
+        assert_eq!(
+            c.pick(1, &[2, 3, 1], 0),
+            3,
+            "replicas in turn, skipping the suspect"
+        );
+        c.answered(2);
+        c.set(1, 2);
+        assert_eq!(c.pick(1, &[1, 2, 3], 0), 2);
     }
 }

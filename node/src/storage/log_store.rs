@@ -31,8 +31,8 @@ type Vote = VoteOf<TypeConfig>;
 /// Bound of the in-memory log tail per group, in entries and in payload bytes. Replication and
 /// apply read the newest entries again right after appending them; serving those reads from
 /// memory skips a RocksDB iterator and a decode per read.
-const TAIL_CACHE_ENTRIES: usize = 2048;
-const TAIL_CACHE_BYTES: usize = 4 << 20;
+const TAIL_CACHE_ENTRIES: usize = 1024;
+const TAIL_CACHE_BYTES: usize = 1 << 20;
 
 /// The newest entries of a group's log, contiguous, always equal to what RocksDB holds for their
 /// indexes: every append, truncation and purge updates it.
