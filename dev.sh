@@ -41,7 +41,15 @@ case "$cmd" in
     ;;
   test)
     ensure_build_deps
-    exec cargo test --release --locked --workspace "$@"
+    log=$(mktemp)
+    set +e
+    cargo test --release --locked --workspace "$@" 2>&1 | tee "$log"
+    status=${PIPESTATUS[0]}
+    set -e
+    # One closing line over every test binary.
+    awk '/^test result:/ {p += $4; f += $6} END {printf "tests: %d passed, %d failed\n", p, f}' "$log"
+    rm -f "$log"
+    exit "$status"
     ;;
   strata)
     if [ ! -x "$CARGO_TARGET_DIR/release/strata" ]; then build; fi
