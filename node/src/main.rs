@@ -2,10 +2,6 @@
 
 use clap::Parser;
 
-// mimalloc: the node allocates many small, short-lived buffers per request (gRPC frames, log
-// entries); glibc malloc showed up at ~5% of CPU under load.
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use strata_node::config::{Args, NodeConfig};
 
 fn main() {

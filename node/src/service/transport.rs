@@ -5,6 +5,9 @@ use std::sync::Arc;
 
 use futures::StreamExt;
 use openraft::type_config::alias::{SnapshotMetaOf, VoteOf};
+use std::future::Future;
+
+use serde::de::DeserializeOwned;
 use serde::Serialize;
 use strata_proto::v1::raft_server::Raft;
 use strata_proto::v1::{RaftReply, RaftRequest, SnapshotChunk};
@@ -43,40 +46,59 @@ fn bad_payload(e: std::io::Error) -> Status {
     Status::invalid_argument(format!("undecodable raft payload: {e}"))
 }
 
+impl TransportService {
+    /// Decodes a request for its group, runs `handle` on the group's openraft instance, and
+    /// encodes the result.
+    async fn dispatch<Req, Resp, E, F, Fut>(
+        &self,
+        req: Request<RaftRequest>,
+        handle: F,
+    ) -> Result<Response<RaftReply>, Status>
+    where
+        Req: DeserializeOwned,
+        Resp: Serialize,
+        E: std::fmt::Display,
+        F: FnOnce(Arc<Group>, Req) -> Fut,
+        Fut: Future<Output = Result<Resp, E>>,
+    {
+        let req = req.into_inner();
+        let group = self.group(req.group_id)?;
+        let rpc = decode(&req.payload).map_err(bad_payload)?;
+        Ok(reply(handle(group, rpc).await))
+    }
+}
+
 #[tonic::async_trait]
 impl Raft for TransportService {
     async fn append_entries(
         &self,
         req: Request<RaftRequest>,
     ) -> Result<Response<RaftReply>, Status> {
-        let req = req.into_inner();
-        let g = self.group(req.group_id)?;
-        let rpc = decode(&req.payload).map_err(bad_payload)?;
-        Ok(reply(g.raft().append_entries(rpc).await))
+        self.dispatch(
+            req,
+            |g, rpc| async move { g.raft().append_entries(rpc).await },
+        )
+        .await
     }
 
     async fn vote(&self, req: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
-        let req = req.into_inner();
-        let g = self.group(req.group_id)?;
-        let rpc = decode(&req.payload).map_err(bad_payload)?;
-        Ok(reply(g.raft().vote(rpc).await))
+        self.dispatch(req, |g, rpc| async move { g.raft().vote(rpc).await })
+            .await
     }
 
     async fn pre_vote(&self, req: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
-        let req = req.into_inner();
-        let g = self.group(req.group_id)?;
-        let rpc = decode(&req.payload).map_err(bad_payload)?;
-        Ok(reply(g.raft().pre_vote(rpc).await))
+        self.dispatch(req, |g, rpc| async move { g.raft().pre_vote(rpc).await })
+            .await
     }
 
     async fn transfer_leader(
         &self,
         req: Request<RaftRequest>,
     ) -> Result<Response<RaftReply>, Status> {
-        let req = req.into_inner();
-        let g = self.group(req.group_id)?;
-        let rpc = decode(&req.payload).map_err(bad_payload)?;
-        Ok(reply(g.raft().handle_transfer_leader(rpc).await))
+        self.dispatch(req, |g, rpc| async move {
+            g.raft().handle_transfer_leader(rpc).await
+        })
+        .await
     }
 
     async fn install_snapshot(
