@@ -188,6 +188,19 @@ impl Client {
 
     /// Reloads the shard map from the first node that answers.
     pub async fn refresh_map(&self) -> Result<Arc<RouteTable>, Error> {
+        let table = Arc::new(RouteTable::from_map(self.shard_map().await?).map_err(Error::Server)?);
+        let mut leaders = self.inner.leaders.lock().expect("leaders poisoned");
+        for s in &table.shards {
+            if s.leader != 0 && leaders.get(s.id).is_none() {
+                leaders.set(s.id, s.leader);
+            }
+        }
+        *self.inner.table.write().expect("table poisoned") = Some(table.clone());
+        Ok(table)
+    }
+
+    /// The shard map as the first answering node reports it (with its view of the leaders).
+    pub async fn shard_map(&self) -> Result<ShardMap, Error> {
         let mut addrs: Vec<String> = self.inner.config.endpoints.clone();
         if let Some(t) = self.table() {
             addrs.extend(t.nodes.values().cloned());
@@ -195,17 +208,7 @@ impl Client {
         let mut last = String::from("no endpoint tried");
         for addr in addrs {
             match self.fetch_map(&addr).await {
-                Ok(map) => {
-                    let table = Arc::new(RouteTable::from_map(map).map_err(Error::Server)?);
-                    let mut leaders = self.inner.leaders.lock().expect("leaders poisoned");
-                    for s in &table.shards {
-                        if s.leader != 0 && leaders.get(s.id).is_none() {
-                            leaders.set(s.id, s.leader);
-                        }
-                    }
-                    *self.inner.table.write().expect("table poisoned") = Some(table.clone());
-                    return Ok(table);
-                }
+                Ok(map) => return Ok(map),
                 Err(e) => last = format!("{addr}: {e}"),
             }
         }

@@ -197,8 +197,19 @@ impl LocalCluster {
         Ok(())
     }
 
-    /// Starts every node.
+    /// Starts every node. Fails before starting any if one of their ports is taken (another
+    /// cluster may be running there; its answers must not be mistaken for ours).
     pub fn start_all(&mut self) -> anyhow::Result<()> {
+        for n in &self.file.nodes {
+            for addr in [&n.client_addr, &n.peer_addr] {
+                if let Err(e) = TcpListener::bind(addr.as_str()) {
+                    bail!(
+                        "node {} cannot listen on {addr}: {e} (is another cluster running?)",
+                        n.id
+                    );
+                }
+            }
+        }
         let ids: Vec<u64> = self.file.nodes.iter().map(|n| n.id).collect();
         for id in ids {
             self.start_node(id)?;
@@ -343,11 +354,18 @@ impl LocalCluster {
         out
     }
 
-    /// Waits until every shard and the meta group have a leader known to a running node.
-    pub async fn wait_ready(&self, timeout: Duration) -> anyhow::Result<()> {
+    /// Waits until every shard and the meta group have a leader known to a running node. Fails
+    /// at once, with the end of its log, if a node started by this launcher exits meanwhile.
+    pub async fn wait_ready(&mut self, timeout: Duration) -> anyhow::Result<()> {
         let until = Instant::now() + timeout;
         let mut last = String::from("no node answered");
         while Instant::now() < until {
+            if let Some((id, status)) = self.exited_nodes().into_iter().next() {
+                bail!(
+                    "node {id} exited during start-up ({status}): {}",
+                    self.log_tail(id, 3)
+                );
+            }
             match self.leaders_known().await {
                 Ok(true) => return Ok(()),
                 Ok(false) => last = "some shards have no leader yet".into(),
@@ -382,6 +400,18 @@ impl LocalCluster {
             }
         }
         Ok(led.len() == shards + 1)
+    }
+
+    /// The last `n` lines of node `id`'s log, on one line.
+    pub fn log_tail(&self, id: u64, n: usize) -> String {
+        let path = match self.file.nodes.iter().find(|e| e.id == id) {
+            Some(e) => e.data_dir.join("node.log"),
+            None => return String::new(),
+        };
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        let tail = lines[lines.len().saturating_sub(n)..].join(" | ");
+        format!("{tail} (log: {})", path.display())
     }
 
     /// Leaves the started processes running when the launcher is dropped.
