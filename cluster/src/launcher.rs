@@ -250,6 +250,10 @@ impl LocalCluster {
         let pid = child.id();
         self.children.retain(|(n, _)| *n != id);
         self.children.push((id, child));
+        // Read-modify-write: other `strata` processes may have updated other nodes' pids.
+        if let Some(current) = ClusterFile::load(&self.dir)? {
+            self.file = current;
+        }
         self.entry_mut(id)?.pid = Some(pid);
         self.file.save(&self.dir)?;
         Ok(pid)
@@ -323,8 +327,9 @@ impl LocalCluster {
             };
             if exited {
                 self.children.retain(|(n, _)| *n != id);
-                self.entry_mut(id)?.pid = None;
-                self.file.save(&self.dir)?;
+                if let Some(p) = pid {
+                    self.record_exit(id, p)?;
+                }
                 return Ok(());
             }
             if Instant::now() >= until {
@@ -339,19 +344,31 @@ impl LocalCluster {
         let mut out = Vec::new();
         for (id, child) in &mut self.children {
             if let Ok(Some(status)) = child.try_wait() {
-                out.push((*id, status));
+                out.push((*id, child.id(), status));
             }
         }
-        for (id, _) in &out {
+        for (id, pid, _) in &out {
             self.children.retain(|(n, _)| n != id);
-            if let Ok(e) = self.entry_mut(*id) {
-                e.pid = None;
-            }
+            let _ = self.record_exit(*id, *pid);
         }
-        if !out.is_empty() {
-            let _ = self.file.save(&self.dir);
+        out.into_iter()
+            .map(|(id, _, status)| (id, status))
+            .collect()
+    }
+
+    /// Records in `cluster.json` that process `pid` of node `id` is gone. Re-reads the file
+    /// first: another `strata` process (`dev restart-node`) may have started the node again
+    /// meanwhile, and its new pid must not be erased.
+    fn record_exit(&mut self, id: u64, pid: u32) -> anyhow::Result<()> {
+        if let Some(current) = ClusterFile::load(&self.dir)? {
+            self.file = current;
         }
-        out
+        let entry = self.entry_mut(id)?;
+        if entry.pid == Some(pid) {
+            entry.pid = None;
+            self.file.save(&self.dir)?;
+        }
+        Ok(())
     }
 
     /// Waits until every shard and the meta group have a leader known to a running node. Fails
