@@ -383,3 +383,151 @@ async fn cas_and_scan_behave_across_shards() {
     assert!(client.delete("item:000").await.unwrap());
     assert!(!client.delete("item:000").await.unwrap());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn log_is_compacted_and_a_restart_recovers_from_snapshot_and_log() {
+    let mut tc = TestCluster::start_with(3, 2, &["--snapshot-logs", "40"]).await;
+    let client = tc.client().await;
+
+    phase("write enough for every replica to snapshot and purge its log");
+    let mut acked = Vec::new();
+    for i in 0..400 {
+        let (k, v) = (format!("snap:{i}"), format!("v{i}"));
+        let version = client.put(k.clone(), v.clone()).await.expect("put");
+        acked.push((k, version, v));
+    }
+    let victim = tc.leader_of(&client, 1).await.expect("leader");
+    let addr = tc
+        .cluster
+        .file()
+        .nodes
+        .iter()
+        .find(|n| n.id == victim)
+        .unwrap()
+        .client_addr
+        .clone();
+    let compacted = |status: &strata_proto::v1::StatusResponse| {
+        status
+            .groups
+            .iter()
+            .filter(|g| g.group_id != 0)
+            .all(|g| g.snapshot_index > 0 && g.purged_index > 0)
+    };
+    let until = Instant::now() + Duration::from_secs(20);
+    loop {
+        let status = client.node_status(&addr).await.unwrap();
+        if compacted(&status) {
+            break;
+        }
+        assert!(
+            Instant::now() < until,
+            "log never compacted: {:?}",
+            status.groups
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    phase("kill and restart the node: it rebuilds from its snapshot and the log kept after it");
+    tc.cluster.kill_node(victim).expect("kill");
+    client
+        .put("while-down", "x")
+        .await
+        .expect("write while one node is down");
+    tc.cluster.start_node(victim).expect("restart");
+    tc.wait_caught_up(&client, victim, Duration::from_secs(30))
+        .await;
+    let mut kv = KvClient::connect(format!("http://{addr}")).await.unwrap();
+    for (k, version, v) in &acked {
+        let r = kv
+            .get(strata_proto::v1::GetRequest {
+                key: Bytes::from(k.clone()),
+                consistency: Consistency::Stale as i32,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(r.found, "{k} missing on the restarted node");
+        assert_eq!(
+            (r.version, r.value.as_ref()),
+            (*version, v.as_bytes()),
+            "{k}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn follower_behind_a_compacted_log_catches_up_by_snapshot() {
+    let mut tc = TestCluster::start_with(3, 2, &["--snapshot-logs", "40"]).await;
+    let client = tc.client().await;
+
+    phase("stop a follower of shard 1");
+    let leader = tc.leader_of(&client, 1).await.expect("leader");
+    let follower = (1..=3).find(|n| *n != leader).unwrap();
+    tc.cluster.kill_node(follower).expect("kill follower");
+
+    phase("write enough that the leaders snapshot and compact past the follower's log");
+    let mut acked = Vec::new();
+    for i in 0..400 {
+        let (k, v) = (format!("snap:{i}"), format!("v{i}"));
+        let version = client.put(k.clone(), v.clone()).await.expect("put");
+        acked.push((k, version, v));
+    }
+
+    phase("the leader's log no longer holds what the follower misses");
+    let leader_addr = tc
+        .cluster
+        .file()
+        .nodes
+        .iter()
+        .find(|n| n.id == leader)
+        .unwrap()
+        .client_addr
+        .clone();
+    let until = Instant::now() + Duration::from_secs(20);
+    loop {
+        let st = client.node_status(&leader_addr).await.unwrap();
+        let g1 = st.groups.iter().find(|g| g.group_id == 1).unwrap().clone();
+        if g1.purged_index > 10 {
+            break;
+        }
+        assert!(
+            Instant::now() < until,
+            "leader never compacted its log: {g1:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    phase("restart the follower: it installs a snapshot, then has every write");
+    tc.cluster.start_node(follower).expect("restart follower");
+    tc.wait_caught_up(&client, follower, Duration::from_secs(30))
+        .await;
+    let addr = tc
+        .cluster
+        .file()
+        .nodes
+        .iter()
+        .find(|n| n.id == follower)
+        .unwrap()
+        .client_addr
+        .clone();
+    let status = client.node_status(&addr).await.unwrap();
+    let g1 = status.groups.iter().find(|g| g.group_id == 1).unwrap();
+    assert!(g1.snapshot_index > 0, "follower holds a snapshot: {g1:?}");
+    let mut kv = KvClient::connect(format!("http://{addr}")).await.unwrap();
+    for (k, version, v) in &acked {
+        let r = kv
+            .get(strata_proto::v1::GetRequest {
+                key: Bytes::from(k.clone()),
+                consistency: Consistency::Stale as i32,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(r.found, "{k} missing on the follower");
+        assert_eq!(
+            (r.version, r.value.as_ref()),
+            (*version, v.as_bytes()),
+            "{k}"
+        );
+    }
+}

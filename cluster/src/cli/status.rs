@@ -27,6 +27,10 @@ struct ShardOut {
     term: u64,
     /// Applied index per answering replica.
     applied: BTreeMap<u64, u64>,
+    /// Last index covered by each replica's snapshot.
+    snapshot: BTreeMap<u64, u64>,
+    /// Last index compacted out of each replica's log.
+    purged: BTreeMap<u64, u64>,
 }
 
 #[derive(Serialize)]
@@ -59,6 +63,8 @@ pub async fn run(cli: &Cli) -> anyhow::Result<()> {
             leader: None,
             term: 0,
             applied: BTreeMap::new(),
+            snapshot: BTreeMap::new(),
+            purged: BTreeMap::new(),
         },
     );
     for s in &table_.shards {
@@ -71,6 +77,8 @@ pub async fn run(cli: &Cli) -> anyhow::Result<()> {
                 leader: None,
                 term: 0,
                 applied: BTreeMap::new(),
+                snapshot: BTreeMap::new(),
+                purged: BTreeMap::new(),
             },
         );
     }
@@ -90,6 +98,8 @@ pub async fn run(cli: &Cli) -> anyhow::Result<()> {
                     s.replicas.push(id);
                 }
                 s.applied.insert(id, g.applied_index);
+                s.snapshot.insert(id, g.snapshot_index);
+                s.purged.insert(id, g.purged_index);
                 if g.role == "leader" && g.term >= s.term {
                     s.leader = Some(id);
                     s.term = g.term;

@@ -58,8 +58,10 @@ fn raft_config(t: &RaftTimings) -> anyhow::Result<Arc<Config>> {
         election_timeout_max: t.election_max.as_millis() as u64,
         enable_pre_vote: Some(true),
         snapshot_policy: SnapshotPolicy::LogsSinceLast(t.snapshot_logs),
-        max_in_snapshot_log_to_keep: 1000,
-        purge_batch_size: 256,
+        // Entries kept behind a snapshot so a briefly lagging follower catches up from the log
+        // rather than by a full snapshot.
+        max_in_snapshot_log_to_keep: (t.snapshot_logs / 4).min(1000),
+        purge_batch_size: (t.snapshot_logs / 4).clamp(1, 256),
         // Entries per AppendEntries: with values up to 1 MiB this bounds a message to what the
         // peer transport accepts (see `server::PEER_MESSAGE_BYTES`).
         max_payload_entries: 128,
@@ -164,6 +166,7 @@ impl Group {
             last_log_index: m.last_log_index.unwrap_or(0),
             applied_index: m.last_applied.map_or(0, |l| l.index()),
             snapshot_index: m.snapshot.map_or(0, |l| l.index()),
+            purged_index: m.purged.map_or(0, |l| l.index()),
         }
     }
 

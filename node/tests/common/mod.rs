@@ -27,6 +27,11 @@ pub struct TestCluster {
 impl TestCluster {
     /// Starts `nodes` nodes with `shards` shards and waits until every group has a leader.
     pub async fn start(nodes: usize, shards: u32) -> TestCluster {
+        TestCluster::start_with(nodes, shards, &[]).await
+    }
+
+    /// Like [`TestCluster::start`], with extra `strata-node` flags.
+    pub async fn start_with(nodes: usize, shards: u32, node_args: &[&str]) -> TestCluster {
         let dir = tempfile::tempdir().expect("tempdir");
         let spec = ClusterSpec {
             nodes,
@@ -40,7 +45,7 @@ impl TestCluster {
             &spec,
         )
         .expect("create cluster")
-        .with_node_args(FAST_RAFT.iter().map(|s| s.to_string()));
+        .with_node_args(FAST_RAFT.iter().chain(node_args).map(|s| s.to_string()));
         cluster.start_all().expect("start nodes");
         cluster
             .wait_ready(Duration::from_secs(60))
