@@ -3,7 +3,8 @@
 //! - [`keys`]: the key encodings of the column families.
 //! - [`engine`]: opening RocksDB with the memory budget, and the group-commit syncer.
 //! - [`log_store`]: openraft's log storage for one group.
-//! - [`state_machine`]: the KV state machine of one group (data, dedup table, applied id).
+//! - [`state_machine`]: the KV state machine of one group (data, applied id, membership).
+//! - [`sessions`]: the de-duplication table of one group (client sessions, bounded).
 //! - [`snapshot`]: snapshot format, build and install.
 //!
 //! Column families:
@@ -13,7 +14,7 @@
 //! | `raft_log` | group ‖ index (big-endian) | bincode `Entry` |
 //! | `raft_state` | group ‖ tag | vote, last purged log id; node-wide: the layout |
 //! | `data` | group ‖ user key | version (8 bytes BE) ‖ value |
-//! | `sm_meta` | group ‖ tag ‖ … | last applied log id, membership, dedup table |
+//! | `sm_meta` | group ‖ tag ‖ … | last applied log id, membership, client sessions |
 //!
 //! Durability rules: a log append is acknowledged only after the WAL is fsynced (the syncer); the
 //! vote is written with `sync = true`; apply writes data and `sm_meta` in one `WriteBatch` without
@@ -22,6 +23,7 @@
 pub mod engine;
 pub mod keys;
 pub mod log_store;
+pub mod sessions;
 pub mod snapshot;
 pub mod state_machine;
 

@@ -15,7 +15,7 @@ use rocksdb::{IteratorMode, ReadOptions};
 use serde::{Deserialize, Serialize};
 
 use super::keys::{group_range, CF_DATA};
-use super::state_machine::ClientSession;
+use super::sessions::ClientSession;
 use super::{io_err, Engine};
 use crate::layout::GroupId;
 use crate::raft::codec::{decode, encode};

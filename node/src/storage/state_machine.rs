@@ -5,13 +5,10 @@
 //! a crash never separates data from the record of what was applied. Apply does not fsync: after a
 //! crash the group re-applies committed entries after its durable last-applied id.
 //!
-//! De-duplication (client sessions, Raft dissertation §6.3): each write carries
-//! `(client_id, sequence, acked_below)`. The outcome of every applied sequence is saved; a retry of
-//! a saved sequence gets the saved outcome and changes nothing. `acked_below` lets the state
-//! machine forget outcomes the client will never ask about again, so each client's table holds
-//! only its in-flight writes; a sequence below that floor is answered `Stale` and not applied.
+//! Every command passes through the group's [`SessionTable`] first, so a retried write is
+//! answered from its saved outcome instead of applying twice.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -26,9 +23,10 @@ use openraft::EntryPayload;
 use rocksdb::{IteratorMode, ReadOptions, WriteBatch};
 
 use super::keys::{
-    data_key, decode_record, dedup_key, encode_record, floor_key, group_range, parse_dedup_key,
-    tag_key, CF_DATA, CF_SM, TAG_APPLIED, TAG_DEDUP, TAG_FLOOR, TAG_MEMBERSHIP,
+    data_key, decode_record, encode_record, group_range, tag_key, CF_DATA, CF_SM, TAG_APPLIED,
+    TAG_MEMBERSHIP,
 };
+use super::sessions::{ClientSession, SessionTable};
 use super::snapshot::{SnapshotBody, SnapshotBuilder, SnapshotFile};
 use super::{io_err, Engine};
 use crate::layout::GroupId;
@@ -41,15 +39,6 @@ type StoredMembership = StoredMembershipOf<TypeConfig>;
 /// Most entries applied in one `WriteBatch`; bounds the batch when a replica catches up.
 const MAX_APPLY_BATCH: usize = 1024;
 
-/// One client's de-duplication state.
-#[derive(Default, Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct ClientSession {
-    /// Sequences below this were acknowledged by the client; their outcomes are forgotten.
-    pub floor: u64,
-    /// Saved outcomes of sequences at or above the floor.
-    pub outcomes: BTreeMap<u64, Outcome>,
-}
-
 /// The state machine of one group.
 pub struct StateMachine {
     group: GroupId,
@@ -58,8 +47,8 @@ pub struct StateMachine {
     applied: Option<LogId>,
     /// Last applied membership (durable in `sm_meta`).
     membership: StoredMembership,
-    /// Client sessions, mirrored durably in `sm_meta`; loaded at open.
-    sessions: HashMap<u64, ClientSession>,
+    /// Client sessions (de-duplication), mirrored durably in `sm_meta`; loaded at open.
+    sessions: SessionTable,
     /// Where the group's current snapshot file lives.
     snapshot: SnapshotFile,
 }
@@ -95,7 +84,7 @@ impl StateMachine {
             Some(raw) => decode(&raw)?,
             None => StoredMembership::default(),
         };
-        let sessions = load_sessions(&engine, group)?;
+        let sessions = SessionTable::load(&engine, group)?;
         Ok(StateMachine {
             group,
             snapshot: SnapshotFile::new(snapshot_dir, group),
@@ -108,7 +97,7 @@ impl StateMachine {
 
     /// Sessions as currently applied (for tests and snapshots).
     pub fn sessions(&self) -> &HashMap<u64, ClientSession> {
-        &self.sessions
+        self.sessions.sessions()
     }
 
     /// Applies one entry into `batch`, returning its outcome.
@@ -137,7 +126,7 @@ impl StateMachine {
         })
     }
 
-    /// Applies a command with de-duplication.
+    /// Applies a command unless its session already answers it.
     fn apply_command(
         &mut self,
         index: u64,
@@ -145,37 +134,12 @@ impl StateMachine {
         batch: &mut WriteBatch,
         overlay: &mut Overlay,
     ) -> std::io::Result<Outcome> {
-        let sm = self.engine.cf(CF_SM);
-        let session = self.sessions.entry(cmd.client_id).or_default();
-        if let Some(saved) = session.outcomes.get(&cmd.sequence) {
-            return Ok(saved.clone());
-        }
-        if cmd.acked_below > session.floor {
-            let keep = session.outcomes.split_off(&cmd.acked_below);
-            for seq in std::mem::replace(&mut session.outcomes, keep).into_keys() {
-                batch.delete_cf(sm, dedup_key(self.group, cmd.client_id, seq));
-            }
-            session.floor = cmd.acked_below;
-            batch.put_cf(
-                sm,
-                floor_key(self.group, cmd.client_id),
-                session.floor.to_be_bytes(),
-            );
-        }
-        if cmd.sequence < session.floor {
-            return Ok(Outcome::Stale);
+        if let Some(answer) = self.sessions.precheck(&self.engine, cmd, batch) {
+            return Ok(answer);
         }
         let outcome = execute(&self.engine, self.group, index, &cmd.op, batch, overlay)?;
-        batch.put_cf(
-            sm,
-            dedup_key(self.group, cmd.client_id, cmd.sequence),
-            encode(&outcome),
-        );
-        let session = self
-            .sessions
-            .get_mut(&cmd.client_id)
-            .expect("session inserted above");
-        session.outcomes.insert(cmd.sequence, outcome.clone());
+        self.sessions
+            .record(&self.engine, cmd, index, &outcome, batch);
         Ok(outcome)
     }
 
@@ -230,22 +194,8 @@ impl StateMachine {
         for (key, record) in &body.data {
             b.put_cf(e.cf(CF_DATA), data_key(self.group, key), record);
         }
-        let mut sessions = HashMap::new();
-        for (client, session) in body.sessions {
-            b.put_cf(
-                e.cf(CF_SM),
-                floor_key(self.group, client),
-                session.floor.to_be_bytes(),
-            );
-            for (seq, outcome) in &session.outcomes {
-                b.put_cf(
-                    e.cf(CF_SM),
-                    dedup_key(self.group, client, *seq),
-                    encode(outcome),
-                );
-            }
-            sessions.insert(client, session);
-        }
+        let sessions = SessionTable::from_sessions(self.group, body.sessions);
+        sessions.write_all(e, &mut b);
         b.put_cf(
             e.cf(CF_SM),
             tag_key(self.group, TAG_MEMBERSHIP),
@@ -429,35 +379,6 @@ pub fn scan(
     Ok((out, false))
 }
 
-fn load_sessions(engine: &Engine, group: GroupId) -> std::io::Result<HashMap<u64, ClientSession>> {
-    let mut sessions: HashMap<u64, ClientSession> = HashMap::new();
-    let cf = engine.cf(CF_SM);
-    for (tag, is_dedup) in [(TAG_FLOOR, false), (TAG_DEDUP, true)] {
-        let prefix = tag_key(group, tag);
-        let mut opts = ReadOptions::default();
-        opts.set_iterate_upper_bound(tag_key(group, tag + 1).to_vec());
-        let mode = IteratorMode::From(&prefix, rocksdb::Direction::Forward);
-        for item in engine.db().iterator_cf_opt(cf, opts, mode) {
-            let (k, v) = item.map_err(io_err)?;
-            if is_dedup {
-                let (client, seq) = parse_dedup_key(&k);
-                sessions
-                    .entry(client)
-                    .or_default()
-                    .outcomes
-                    .insert(seq, decode(&v)?);
-            } else {
-                let client = u64::from_be_bytes(k[9..17].try_into().expect("floor key"));
-                let floor = u64::from_be_bytes(v[..8].try_into().map_err(|_| {
-                    std::io::Error::new(std::io::ErrorKind::InvalidData, "bad floor record")
-                })?);
-                sessions.entry(client).or_default().floor = floor;
-            }
-        }
-    }
-    Ok(sessions)
-}
-
 impl RaftStateMachine<TypeConfig> for StateMachine {
     type SnapshotData = Vec<u8>;
     type SnapshotBuilder = SnapshotBuilder;
@@ -500,7 +421,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             self.group,
             self.applied,
             self.membership.clone(),
-            &self.sessions,
+            self.sessions.sessions(),
             self.snapshot.clone(),
         ))
     }
