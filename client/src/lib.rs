@@ -20,6 +20,8 @@
 //! connection is retried (following leader hints, refreshing the shard map) until the operation's
 //! deadline. A retried write reuses its request id, so it never applies twice.
 
+#![warn(missing_docs)]
+
 pub mod client;
 pub mod error;
 pub mod route;

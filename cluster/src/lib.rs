@@ -8,6 +8,8 @@
 //! - [`etcd`]: a minimal etcd KV client, so `strata bench --target etcd` measures etcd with the
 //!   same harness.
 
+#![warn(missing_docs)]
+
 pub mod cli;
 pub mod launcher;
 

@@ -5,6 +5,8 @@
 //! It will drive clusters through [`strata_cluster::launcher`] and talk to them with
 //! [`strata_client`].
 
+#![warn(missing_docs)]
+
 /// Always fails: the chaos suite does not exist yet. Callers get a clear error instead of a
 /// silent pass.
 pub fn run() -> Result<(), &'static str> {

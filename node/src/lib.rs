@@ -15,6 +15,8 @@
 //! - [`service`]: the gRPC services — `Kv` (client API), `Cluster` (map, status), `Raft` (peers).
 //! - [`server`]: wires everything together, serves until shutdown, then stops cleanly.
 
+#![warn(missing_docs)]
+
 pub mod config;
 pub mod error;
 pub mod layout;

@@ -5,6 +5,8 @@
 //!   map, status) and the internal `Raft` service (node-to-node transport).
 //! - [`keyspace`]: hash tags and slot hashing.
 
+#![warn(missing_docs)]
+
 /// Package `strata.v1`.
 #[allow(missing_docs, clippy::all)]
 pub mod v1 {

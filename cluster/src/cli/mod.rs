@@ -3,7 +3,7 @@
 //! - [`dev`]: `strata dev up` / `strata dev restart-node` — a local cluster in the foreground.
 //! - [`kv`]: `get`, `put`, `del`, `scan`, `cas`.
 //! - [`status`]: `strata status` — nodes, shards, leaders, applied index.
-//! - [`bench`]: `strata bench` — a closed-loop load generator with latency percentiles.
+//! - [`bench`](mod@bench): `strata bench` — a closed-loop load generator with latency percentiles.
 //! - [`output`]: table or JSON rendering (`-o table|json`).
 //!
 //! Conventions (from etcdctl): `--endpoints` or `STRATA_ENDPOINTS`; `-o table|json`; a failure
