@@ -32,6 +32,9 @@ pub const LAYOUT_META_KEY: &[u8] = b"__strata/layout";
 /// Reserved client id of the node's own writes to the meta group.
 const BOOTSTRAP_CLIENT_ID: u64 = 1;
 
+/// How long a stopping node waits for each of its leaderships to move.
+const LEADERSHIP_HANDOVER_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// Delay between starting two groups, so their election timers do not tick in lockstep.
 const GROUP_START_STAGGER: Duration = Duration::from_millis(15);
 
@@ -124,6 +127,7 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> anyh
 
     shutdown.await;
     tracing::info!(node = me.id, "shutting down");
+    hand_over_leaderships(&node).await;
     let _ = stop_tx.send(true);
     let _ = client_task.await;
     let _ = peer_task.await;
@@ -132,6 +136,32 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> anyh
     }
     tracing::info!(node = me.id, "stopped");
     Ok(())
+}
+
+/// Before a planned stop, moves the leadership of every group this node leads to another replica,
+/// so clients of those shards wait for a hand-over (milliseconds) rather than for an election
+/// timeout. Best effort: a group whose hand-over does not finish in time is left to elect.
+async fn hand_over_leaderships(node: &NodeState) {
+    let handovers = node
+        .groups
+        .all()
+        .into_iter()
+        .filter(|g| g.is_leader())
+        .filter_map(|g| {
+            let to = node
+                .layout
+                .replicas(g.id)?
+                .iter()
+                .copied()
+                .find(|r| *r != node.id)?;
+            Some(async move {
+                let moved = g
+                    .hand_over_leadership(to, LEADERSHIP_HANDOVER_TIMEOUT)
+                    .await;
+                tracing::info!(group = g.id, to, moved, "leadership hand-over");
+            })
+        });
+    futures::future::join_all(handovers).await;
 }
 
 /// Accepted connections with Nagle off: replies are small and latency-bound, and Nagle plus

@@ -179,6 +179,26 @@ impl Group {
             .is_ok()
     }
 
+    /// If this node leads the group, hands leadership to `to` and waits up to `timeout` for it to
+    /// move. Used before a planned stop, so clients see a hand-over instead of an election.
+    pub async fn hand_over_leadership(&self, to: u64, timeout: Duration) -> bool {
+        if !self.is_leader() {
+            return true;
+        }
+        if self.raft.trigger().transfer_leader(to).await.is_err() {
+            return false;
+        }
+        let me = *self.raft.node_id();
+        self.raft
+            .wait(Some(timeout))
+            .metrics(
+                |m| m.current_leader.is_some_and(|l| l != me),
+                "leadership moved",
+            )
+            .await
+            .is_ok()
+    }
+
     /// Stops the Raft instance.
     pub async fn shutdown(&self) {
         if let Err(e) = self.raft.shutdown().await {
