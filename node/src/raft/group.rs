@@ -16,6 +16,7 @@ use openraft_multi::GroupNetworkFactory;
 use strata_proto::v1::GroupStatus;
 
 use super::network::{NetworkFactory, PeerPool};
+use super::read_batch::{linearize_once, ReadBatcher};
 use super::types::{Command, Outcome, TypeConfig};
 use crate::config::RaftTimings;
 use crate::layout::{GroupId, NodeSpec};
@@ -34,7 +35,7 @@ pub enum WriteError {
 }
 
 /// Why a linearizable read could not be served.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub enum ReadError {
     /// This node is not the leader (hint: leader id).
     NotLeader(Option<u64>),
@@ -47,6 +48,8 @@ pub struct Group {
     /// The group id (0 = meta group, shards 1..).
     pub id: GroupId,
     raft: StrataRaft,
+    /// Shares ReadIndex rounds between concurrent linearizable reads.
+    reads: Arc<ReadBatcher>,
 }
 
 /// Openraft settings for every group, sized for a busy 2-core machine.
@@ -86,7 +89,8 @@ impl Group {
         let sm = StateMachine::open(engine, id, snapshot_dir)?;
         let network: NetworkFactory = GroupNetworkFactory::new(pool, id);
         let raft = StrataRaft::new(node_id, raft_config(timings)?, network, log, sm).await?;
-        Ok(Group { id, raft })
+        let reads = ReadBatcher::new(raft.clone());
+        Ok(Group { id, raft, reads })
     }
 
     /// Forms the group with `members` as voters. Called once, at bootstrap, on one member.
@@ -137,14 +141,11 @@ impl Group {
 
     /// Waits until this node may serve a linearizable read: leadership confirmed (ReadIndex or
     /// lease) and the state machine applied up to the read index.
+    /// ReadIndex reads of concurrent callers share one quorum round (see [`ReadBatcher`]).
     pub async fn linearize(&self, policy: ReadPolicy) -> Result<(), ReadError> {
-        use openraft::error::LinearizableReadError as L;
-        match self.raft.ensure_linearizable(policy).await {
-            Ok(_) => Ok(()),
-            Err(RaftError::APIError(L::ForwardToLeader(f))) => {
-                Err(ReadError::NotLeader(f.leader_id))
-            }
-            Err(e) => Err(ReadError::Unavailable(e.to_string())),
+        match policy {
+            ReadPolicy::ReadIndex => self.reads.linearize().await,
+            other => linearize_once(&self.raft, other).await,
         }
     }
 

@@ -5,10 +5,12 @@
 //! - [`codec`]: bincode encoding of openraft messages and log entries.
 //! - [`network`]: the peer pool: one tonic channel per peer node shared by every group.
 //! - [`group`]: one Raft group on this node — creation, writes, reads, status.
+//! - [`read_batch`]: concurrent linearizable reads of a group share one ReadIndex round.
 
 pub mod codec;
 pub mod group;
 pub mod network;
+pub mod read_batch;
 pub mod types;
 
 pub use group::{Group, Groups};
