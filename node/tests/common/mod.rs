@@ -4,8 +4,11 @@
 
 use std::time::{Duration, Instant};
 
-use strata_client::{Client, ClientBuilder};
+use bytes::Bytes;
+use strata_client::{Client, ClientBuilder, Consistency};
 use strata_cluster::launcher::{ClusterSpec, LocalCluster};
+use strata_proto::v1::kv_client::KvClient;
+use strata_proto::v1::GetRequest;
 
 /// Raft timings for tests: quicker elections than the production defaults.
 pub const FAST_RAFT: [&str; 6] = [
@@ -130,6 +133,48 @@ impl TestCluster {
             );
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
+    }
+}
+
+/// An acknowledged write: key, version, value.
+pub type Acked = (String, u64, String);
+
+impl TestCluster {
+    /// Client address of node `id`.
+    pub fn client_addr(&self, id: u64) -> String {
+        let node = self.cluster.file().nodes.iter().find(|n| n.id == id);
+        node.expect("node in cluster").client_addr.clone()
+    }
+
+    /// Asserts that node `id` serves every write of `acked` whose shard it hosts from its own
+    /// replica (STALE reads, no leader involved). Returns how many keys it checked.
+    pub async fn assert_replica_has(&self, client: &Client, id: u64, acked: &[Acked]) -> usize {
+        let addr = self.client_addr(id);
+        let status = client.node_status(&addr).await.expect("node status");
+        let hosted: Vec<u64> = status.groups.iter().map(|g| g.group_id).collect();
+        let table = client.route_table().expect("route table");
+        let mut kv = KvClient::connect(format!("http://{addr}"))
+            .await
+            .expect("connect");
+        let mut checked = 0;
+        for (k, version, v) in acked {
+            if !hosted.contains(&table.shard_for_key(k.as_bytes()).id) {
+                continue;
+            }
+            let req = GetRequest {
+                key: Bytes::from(k.clone()),
+                consistency: Consistency::Stale as i32,
+            };
+            let r = kv.get(req).await.expect("stale read").into_inner();
+            assert!(r.found, "{k} missing on node {id}");
+            assert_eq!(
+                (r.version, r.value.as_ref()),
+                (*version, v.as_bytes()),
+                "{k} on node {id}"
+            );
+            checked += 1;
+        }
+        checked
     }
 }
 
