@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use common::{phase, Acked, TestCluster};
-use strata_client::{BatchOp, Consistency, Error, ScanOptions};
+use strata_client::{BatchOp, Error, ScanOptions};
 use strata_proto::v1::kv_client::KvClient;
 use strata_proto::v1::{BatchOp as PbBatchOp, BatchRequest, PutRequest, RequestId, ScanRequest};
 
