@@ -4,6 +4,7 @@
 #   ./dev.sh up [--nodes 3] [--shards 8] [--data-dir ./strata-data]   start a local cluster (Ctrl-C stops it)
 #   ./dev.sh test                                                     run every test
 #   ./dev.sh strata ARGS...                                           run the strata CLI (status, put, get, bench, ...)
+#   ./dev.sh deps                                                     only install the system packages the build needs
 #
 # On a fresh Debian machine with only the Rust toolchain, this script installs what the build
 # needs (libclang-dev for the RocksDB bindings, a C++ compiler) with apt-get, and says so.
@@ -58,8 +59,11 @@ case "$cmd" in
   build)
     build
     ;;
+  deps)
+    ensure_build_deps
+    ;;
   *)
-    sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'
     [ "$cmd" = help ] || exit 2
     ;;
 esac
