@@ -20,11 +20,16 @@ pub const FAST_RAFT: [&str; 6] = [
     "1000",
 ];
 
+/// One test cluster at a time per test binary: a 2-core machine running several 3-node clusters
+/// with short election timeouts would see spurious elections and flaky timings.
+static CLUSTER_SLOT: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// A running test cluster.
 pub struct TestCluster {
     pub cluster: LocalCluster,
-    // Dropped after `cluster` (fields drop in order): processes die before their data goes.
+    // Fields drop in order: processes die, then their data goes, then the next test may start.
     _dir: tempfile::TempDir,
+    _slot: tokio::sync::MutexGuard<'static, ()>,
 }
 
 impl TestCluster {
@@ -35,6 +40,7 @@ impl TestCluster {
 
     /// Like [`TestCluster::start`], with extra `strata-node` flags.
     pub async fn start_with(nodes: usize, shards: u32, node_args: &[&str]) -> TestCluster {
+        let slot = CLUSTER_SLOT.lock().await;
         let dir = tempfile::tempdir().expect("tempdir");
         let spec = ClusterSpec {
             nodes,
@@ -54,7 +60,11 @@ impl TestCluster {
             .wait_ready(Duration::from_secs(60))
             .await
             .expect("cluster ready");
-        TestCluster { cluster, _dir: dir }
+        TestCluster {
+            cluster,
+            _dir: dir,
+            _slot: slot,
+        }
     }
 
     /// A client with a deadline long enough to ride out a failover.
