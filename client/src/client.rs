@@ -10,9 +10,11 @@ use bytes::Bytes;
 use strata_proto::v1::cluster_client::ClusterClient;
 use strata_proto::v1::kv_client::KvClient;
 use strata_proto::v1::{self as pb, ShardMap, ShardMapRequest, StatusRequest, StatusResponse};
+use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tonic::transport::{Channel, Endpoint};
 
+use crate::coalesce::{PendingPut, PutCoalescer};
 use crate::error::{classify, Error, Verdict};
 use crate::route::{LeaderCache, RouteTable};
 use crate::session::Session;
@@ -75,6 +77,7 @@ pub struct ClientBuilder {
     attempt_timeout: Duration,
     deadline: Duration,
     connect_timeout: Duration,
+    coalesce_puts: bool,
 }
 
 impl ClientBuilder {
@@ -89,7 +92,14 @@ impl ClientBuilder {
             attempt_timeout: Duration::from_secs(3),
             deadline: Duration::from_secs(15),
             connect_timeout: Duration::from_secs(1),
+            coalesce_puts: true,
         }
+    }
+
+    /// Whether concurrent puts to one shard may share a batch request (default: yes).
+    pub fn coalesce_puts(mut self, on: bool) -> Self {
+        self.coalesce_puts = on;
+        self
     }
 
     /// How long one attempt may take before it is abandoned and retried.
@@ -124,6 +134,7 @@ impl ClientBuilder {
             inner: Arc::new(Inner {
                 config: self,
                 session: Session::new(),
+                puts: PutCoalescer::default(),
                 channels: Mutex::new(HashMap::new()),
                 table: RwLock::new(None),
                 leaders: Mutex::new(LeaderCache::default()),
@@ -144,6 +155,8 @@ pub struct Client {
 struct Inner {
     config: ClientBuilder,
     session: Session,
+    /// Puts waiting to be sent together, per shard.
+    puts: PutCoalescer,
     /// One channel per node address. `std` locks: never held across an await.
     channels: Mutex<HashMap<String, Channel>>,
     table: RwLock<Option<Arc<RouteTable>>>,
@@ -393,10 +406,65 @@ impl Client {
         }))
     }
 
-    /// Sets `key` to `value`; returns the new version.
+    /// Sets `key` to `value`; returns the new version. Concurrent puts of this client to one
+    /// shard may travel together in one atomic batch (see the `coalesce` module); each still
+    /// behaves as a separate put.
     pub async fn put(&self, key: impl Into<Bytes>, value: impl Into<Bytes>) -> Result<u64, Error> {
         let key: Bytes = key.into();
         let value: Bytes = value.into();
+        let Some(table) = self.table().filter(|_| self.inner.config.coalesce_puts) else {
+            return self.put_one(key, value).await;
+        };
+        let shard = table.shard_for_key(&key).id;
+        let (reply, result) = oneshot::channel();
+        if self
+            .inner
+            .puts
+            .enqueue(shard, PendingPut { key, value, reply })
+        {
+            let client = self.clone();
+            tokio::spawn(async move { client.send_puts(shard).await });
+        }
+        result
+            .await
+            .unwrap_or_else(|_| Err(Error::Server("put sender stopped".into())))
+    }
+
+    /// A sender of coalesced puts for `shard`: sends batches until none waits.
+    async fn send_puts(&self, shard: u64) {
+        while let Some(batch) = self.inner.puts.next_batch(shard) {
+            if batch.len() == 1 {
+                let p = batch.into_iter().next().expect("one put");
+                let _ = p.reply.send(self.put_one(p.key, p.value).await);
+                continue;
+            }
+            let ops = batch
+                .iter()
+                .map(|p| BatchOp::Put(p.key.clone(), p.value.clone()))
+                .collect();
+            match self.batch(ops).await {
+                Ok(version) => {
+                    for p in batch {
+                        let _ = p.reply.send(Ok(version));
+                    }
+                }
+                // Nothing was applied: send each put alone so only a bad one fails.
+                Err(Error::InvalidArgument(_)) => {
+                    for p in batch {
+                        let _ = p.reply.send(self.put_one(p.key, p.value).await);
+                    }
+                }
+                Err(e) => {
+                    for p in batch {
+                        let _ = p.reply.send(Err(e.clone()));
+                    }
+                }
+            }
+        }
+    }
+
+    /// One put in its own request.
+    async fn put_one(&self, key: Bytes, value: Bytes) -> Result<u64, Error> {
         let ticket = self.inner.session.begin();
         let r = self
             .run(Target::Key(&key), true, |mut c| {

@@ -15,6 +15,7 @@
 //! - [`session`]: request ids — one client id per [`Client`], a sequence per write, and the
 //!   acknowledged floor that lets servers forget finished writes.
 //! - [`client`]: [`Client`], [`ClientBuilder`] and the operations, with retries within a deadline.
+//! - `coalesce`: concurrent puts to one shard share one atomic batch request.
 //!
 //! Retries: a request that meets `NotLeader`, `WrongShard`, an unavailable shard or a lost
 //! connection is retried (following leader hints, refreshing the shard map) until the operation's
@@ -23,6 +24,7 @@
 #![warn(missing_docs)]
 
 pub mod client;
+mod coalesce;
 pub mod error;
 pub mod route;
 pub mod session;

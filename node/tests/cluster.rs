@@ -463,3 +463,47 @@ async fn follower_behind_a_compacted_log_catches_up_by_snapshot() {
         acked.len()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_puts_share_batches_yet_stay_separate_writes() {
+    let tc = TestCluster::start(3, 4).await;
+    let client = tc.client().await;
+
+    phase("200 concurrent puts from one client over 20 keys, 10 values each");
+    let puts = (0..200).map(|i| {
+        let client = client.clone();
+        async move {
+            let (k, v) = (format!("hot:{}", i % 20), format!("v{i}"));
+            let version = client.put(k.clone(), v.clone()).await.expect("put");
+            (k, version, v)
+        }
+    });
+    let acked: Vec<Acked> = futures::future::join_all(puts).await;
+    let mut versions: Vec<u64> = acked.iter().map(|(_, ver, _)| *ver).collect();
+    versions.sort_unstable();
+    versions.dedup();
+    assert!(
+        versions.len() < acked.len(),
+        "no two puts shared a batch: coalescing did not happen"
+    );
+
+    phase("every put has its own version, and each key holds its highest-versioned put");
+    let mut by_key: BTreeMap<String, Vec<(u64, String)>> = BTreeMap::new();
+    for (k, version, v) in acked {
+        by_key.entry(k).or_default().push((version, v));
+    }
+    for (k, mut writes) in by_key {
+        writes.sort();
+        let versions: Vec<u64> = writes.iter().map(|(ver, _)| *ver).collect();
+        let mut distinct = versions.clone();
+        distinct.dedup();
+        assert_eq!(versions, distinct, "{k}: two puts share a version");
+        let (last_version, last_value) = writes.last().unwrap();
+        let r = client.get(k.clone()).await.unwrap().unwrap();
+        assert_eq!(
+            (r.version, r.value.as_ref()),
+            (*last_version, last_value.as_bytes()),
+            "{k}"
+        );
+    }
+}

@@ -67,8 +67,9 @@ pub struct BenchArgs {
     /// Number of distinct keys.
     #[arg(long, default_value_t = 10_000)]
     pub keys: u64,
-    /// Client connections the workers share (round-robin).
-    #[arg(long, default_value_t = 4)]
+    /// Client instances the workers share (round-robin). One client, as a backend service would
+    /// use, lets concurrent puts to a shard share batches.
+    #[arg(long, default_value_t = 1)]
     pub connections: usize,
 }
 
