@@ -255,8 +255,8 @@ pub async fn run(cli: &Cli, a: &BenchArgs) -> anyhow::Result<()> {
         Format::Table => {
             table(
                 &[
-                    "WORKLOAD", "CLIENTS", "OPS/S", "P50 ms", "P99 ms", "P999 ms", "MAX ms", "OPS",
-                    "ERRORS",
+                    "TARGET", "WORKLOAD", "CLIENTS", "OPS/S", "P50 ms", "P99 ms", "P999 ms",
+                    "MAX ms", "OPS", "ERRORS",
                 ],
                 &[vec![
                     format!("{:?}", report.target).to_lowercase(),
