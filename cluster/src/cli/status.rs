@@ -44,22 +44,15 @@ struct StatusOut {
 pub async fn run(cli: &Cli) -> anyhow::Result<()> {
     let client = cli.client().await?;
     let table_ = client.route_table().expect("connected client has a map");
-    let map_nodes = {
-        let any = client
-            .node_status(&table_.nodes.values().next().cloned().unwrap_or_default())
-            .await;
-        any.ok()
-            .and_then(|s| s.map)
-            .map(|m| m.nodes)
-            .unwrap_or_default()
-    };
+    // The map as the first answering node has it: meta replicas and peer addresses.
+    let map = client.shard_map().await?;
     let mut shards: BTreeMap<u64, ShardOut> = BTreeMap::new();
     shards.insert(
         0,
         ShardOut {
             id: 0,
             slots: "meta".into(),
-            replicas: Vec::new(),
+            replicas: map.meta_replicas.clone(),
             leader: None,
             term: 0,
             applied: BTreeMap::new(),
@@ -94,9 +87,6 @@ pub async fn run(cli: &Cli) -> anyhow::Result<()> {
                 let Some(s) = shards.get_mut(&g.group_id) else {
                     continue;
                 };
-                if g.group_id == 0 && !s.replicas.contains(&id) {
-                    s.replicas.push(id);
-                }
                 s.applied.insert(id, g.applied_index);
                 s.snapshot.insert(id, g.snapshot_index);
                 s.purged.insert(id, g.purged_index);
@@ -110,7 +100,8 @@ pub async fn run(cli: &Cli) -> anyhow::Result<()> {
         nodes.push(NodeOut {
             id,
             client_addr: addr.clone(),
-            peer_addr: map_nodes
+            peer_addr: map
+                .nodes
                 .iter()
                 .find(|n| n.id == id)
                 .map(|n| n.peer_addr.clone())
