@@ -21,6 +21,7 @@ use crate::service::cluster::ClusterService;
 use crate::service::kv::KvService;
 use crate::service::transport::TransportService;
 use crate::service::NodeState;
+use crate::storage::state_machine::get;
 use crate::storage::Engine;
 
 /// Largest peer (Raft) message: AppendEntries carries up to 128 entries of up to 1 MiB each.
@@ -185,15 +186,16 @@ async fn bootstrap(node: &Arc<NodeState>) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("initialize group {}", g.id))?;
     }
-    if layout.meta_replicas.first() == Some(&node.id) {
+    if layout.meta_replicas.contains(&node.id) {
         let node = node.clone();
         tokio::spawn(async move { record_layout(&node).await });
     }
     Ok(())
 }
 
-/// Writes the layout into the meta group, retrying until a leader accepts it. The request id
-/// makes the retries idempotent.
+/// Writes the layout into the meta group. Every meta replica runs this on first start: whichever
+/// leads the meta group writes it, and each stops once its own replica has applied it. The shared
+/// request id makes the writes idempotent.
 async fn record_layout(node: &NodeState) {
     let Some(meta) = node.groups.get(META_GROUP) else {
         return;
@@ -209,6 +211,9 @@ async fn record_layout(node: &NodeState) {
         },
     };
     for _ in 0..600 {
+        if matches!(get(&node.engine, META_GROUP, LAYOUT_META_KEY), Ok(Some(_))) {
+            return;
+        }
         if meta.is_leader() {
             match meta.write(cmd.clone()).await {
                 Ok(_) => {
@@ -220,5 +225,7 @@ async fn record_layout(node: &NodeState) {
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    tracing::warn!("could not record the layout in the meta group: this node never led it");
+    tracing::warn!(
+        "the layout is not in the meta group after 2 minutes: the meta group has no leader"
+    );
 }
