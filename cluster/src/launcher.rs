@@ -376,6 +376,8 @@ impl LocalCluster {
     pub async fn wait_ready(&mut self, timeout: Duration) -> anyhow::Result<()> {
         let until = Instant::now() + timeout;
         let mut last = String::from("no node answered");
+        // One client for all polls, created once a node answers.
+        let mut client: Option<Client> = None;
         while Instant::now() < until {
             if let Some((id, status)) = self.exited_nodes().into_iter().next() {
                 bail!(
@@ -383,31 +385,39 @@ impl LocalCluster {
                     self.log_tail(id, 3)
                 );
             }
-            match self.leaders_known().await {
-                Ok(true) => return Ok(()),
-                Ok(false) => last = "some shards have no leader yet".into(),
-                Err(e) => last = e.to_string(),
+            if client.is_none() {
+                match strata_client::ClientBuilder::new(self.endpoints())
+                    .attempt_timeout(Duration::from_millis(500))
+                    .connect()
+                    .await
+                {
+                    Ok(c) => client = Some(c),
+                    Err(e) => last = e.to_string(),
+                }
+            }
+            if let Some(c) = &client {
+                if self.leaders_known(c).await {
+                    return Ok(());
+                }
+                last = "some shards have no leader yet".into();
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         bail!("cluster not ready after {timeout:?}: {last}")
     }
 
-    async fn leaders_known(&self) -> anyhow::Result<bool> {
-        let running: Vec<String> = self
+    /// Whether the running nodes together report a leader for every group.
+    async fn leaders_known(&self, client: &Client) -> bool {
+        let running: Vec<&String> = self
             .file
             .nodes
             .iter()
             .filter(|n| n.pid.is_some())
-            .map(|n| n.client_addr.clone())
+            .map(|n| &n.client_addr)
             .collect();
-        let client = strata_client::ClientBuilder::new(running.clone())
-            .attempt_timeout(Duration::from_millis(500))
-            .connect()
-            .await?;
         let shards = self.file.shards as usize;
         let mut led = std::collections::BTreeSet::new();
-        for addr in &running {
+        for addr in running {
             if let Ok(status) = client.node_status(addr).await {
                 for g in status.groups {
                     if g.role == "leader" {
@@ -416,7 +426,7 @@ impl LocalCluster {
                 }
             }
         }
-        Ok(led.len() == shards + 1)
+        led.len() == shards + 1
     }
 
     /// The last `n` lines of node `id`'s log, on one line.

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::{phase, Acked, TestCluster};
+use common::{phase, put_all, Acked, TestCluster};
 use strata_client::{BatchOp, Error, ScanOptions};
 use strata_proto::v1::kv_client::KvClient;
 use strata_proto::v1::{BatchOp as PbBatchOp, BatchRequest, PutRequest, RequestId, ScanRequest};
@@ -134,14 +134,7 @@ async fn leader_kv(
         .shard_for_key(key.as_bytes())
         .id;
     let leader = tc.leader_of(client, shard).await.expect("leader");
-    let addr = &tc
-        .cluster
-        .file()
-        .nodes
-        .iter()
-        .find(|n| n.id == leader)
-        .unwrap()
-        .client_addr;
+    let addr = tc.client_addr(leader);
     KvClient::connect(format!("http://{addr}")).await.unwrap()
 }
 
@@ -348,22 +341,9 @@ async fn log_is_compacted_and_a_restart_recovers_from_snapshot_and_log() {
     let client = tc.client().await;
 
     phase("write enough for every replica to snapshot and purge its log");
-    let mut acked = Vec::new();
-    for i in 0..400 {
-        let (k, v) = (format!("snap:{i}"), format!("v{i}"));
-        let version = client.put(k.clone(), v.clone()).await.expect("put");
-        acked.push((k, version, v));
-    }
+    let acked = put_all(&client, "snap", 400).await;
     let victim = tc.leader_of(&client, 1).await.expect("leader");
-    let addr = tc
-        .cluster
-        .file()
-        .nodes
-        .iter()
-        .find(|n| n.id == victim)
-        .unwrap()
-        .client_addr
-        .clone();
+    let addr = tc.client_addr(victim);
     let compacted = |status: &strata_proto::v1::StatusResponse| {
         status
             .groups
@@ -411,23 +391,10 @@ async fn follower_behind_a_compacted_log_catches_up_by_snapshot() {
     tc.cluster.kill_node(follower).expect("kill follower");
 
     phase("write enough that the leaders snapshot and compact past the follower's log");
-    let mut acked = Vec::new();
-    for i in 0..400 {
-        let (k, v) = (format!("snap:{i}"), format!("v{i}"));
-        let version = client.put(k.clone(), v.clone()).await.expect("put");
-        acked.push((k, version, v));
-    }
+    let acked = put_all(&client, "snap", 400).await;
 
     phase("the leader's log no longer holds what the follower misses");
-    let leader_addr = tc
-        .cluster
-        .file()
-        .nodes
-        .iter()
-        .find(|n| n.id == leader)
-        .unwrap()
-        .client_addr
-        .clone();
+    let leader_addr = tc.client_addr(leader);
     let until = Instant::now() + Duration::from_secs(20);
     loop {
         let st = client.node_status(&leader_addr).await.unwrap();
@@ -446,15 +413,7 @@ async fn follower_behind_a_compacted_log_catches_up_by_snapshot() {
     tc.cluster.start_node(follower).expect("restart follower");
     tc.wait_caught_up(&client, follower, Duration::from_secs(30))
         .await;
-    let addr = tc
-        .cluster
-        .file()
-        .nodes
-        .iter()
-        .find(|n| n.id == follower)
-        .unwrap()
-        .client_addr
-        .clone();
+    let addr = tc.client_addr(follower);
     let status = client.node_status(&addr).await.unwrap();
     let g1 = status.groups.iter().find(|g| g.group_id == 1).unwrap();
     assert!(g1.snapshot_index > 0, "follower holds a snapshot: {g1:?}");

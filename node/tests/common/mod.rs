@@ -99,16 +99,7 @@ impl TestCluster {
     /// Waits until every group replica on node `id` has applied as far as its group's leader.
     pub async fn wait_caught_up(&self, client: &Client, id: u64, timeout: Duration) {
         let until = Instant::now() + timeout;
-        let addr = |id: u64| {
-            self.cluster
-                .file()
-                .nodes
-                .iter()
-                .find(|n| n.id == id)
-                .unwrap()
-                .client_addr
-                .clone()
-        };
+        let addr = |id: u64| self.client_addr(id);
         loop {
             let mut behind = Vec::new();
             match client.node_status(&addr(id)).await {
@@ -186,6 +177,17 @@ impl TestCluster {
         }
         checked
     }
+}
+
+/// Writes `prefix:0..n` one after another (value `v{i}`) and returns the acknowledged writes.
+pub async fn put_all(client: &Client, prefix: &str, n: usize) -> Vec<Acked> {
+    let mut acked = Vec::with_capacity(n);
+    for i in 0..n {
+        let (k, v) = (format!("{prefix}:{i}"), format!("v{i}"));
+        let version = client.put(k.clone(), v.clone()).await.expect("put");
+        acked.push((k, version, v));
+    }
+    acked
 }
 
 /// Logs a test phase, so a failure shows how far the test got.
