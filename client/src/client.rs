@@ -21,6 +21,22 @@ use crate::session::Session;
 
 pub use strata_proto::v1::Consistency;
 
+/// A `WrongShard` status for a node missing from the cached map, so the retry loop reloads it.
+fn unknown_node(node: u64, epoch: u64) -> tonic::Status {
+    use prost::Message;
+    let details = pb::ErrorDetails {
+        code: "WrongShard".into(),
+        retryable: true,
+        epoch,
+        ..Default::default()
+    };
+    tonic::Status::with_details(
+        tonic::Code::FailedPrecondition,
+        format!("node {node} is not in shard map epoch {epoch}"),
+        details.encode_to_vec().into(),
+    )
+}
+
 /// Longest pause between two attempts of one operation.
 const MAX_BACKOFF: Duration = Duration::from_millis(250);
 
@@ -74,8 +90,8 @@ pub struct ScanOptions {
 #[derive(Debug, Clone)]
 pub struct ClientBuilder {
     endpoints: Vec<String>,
-    attempt_timeout: Duration,
-    deadline: Duration,
+    pub(crate) attempt_timeout: Duration,
+    pub(crate) deadline: Duration,
     connect_timeout: Duration,
     coalesce_puts: bool,
 }
@@ -185,7 +201,12 @@ impl Client {
         self.inner.session.client_id()
     }
 
-    fn channel(&self, addr: &str) -> Result<Channel, Error> {
+    /// The builder settings this client runs with.
+    pub(crate) fn config(&self) -> &ClientBuilder {
+        &self.inner.config
+    }
+
+    pub(crate) fn channel(&self, addr: &str) -> Result<Channel, Error> {
         let mut channels = self.inner.channels.lock().expect("channels poisoned");
         if let Some(c) = channels.get(addr) {
             return Ok(c.clone());
@@ -202,6 +223,9 @@ impl Client {
     /// Reloads the shard map from the first node that answers.
     pub async fn refresh_map(&self) -> Result<Arc<RouteTable>, Error> {
         let table = Arc::new(RouteTable::from_map(self.shard_map().await?).map_err(Error::Server)?);
+        if let Some(current) = self.table().filter(|t| t.epoch > table.epoch) {
+            return Ok(current);
+        }
         let mut leaders = self.inner.leaders.lock().expect("leaders poisoned");
         for s in &table.shards {
             if s.leader != 0 && leaders.get(s.id).is_none() {
@@ -213,19 +237,29 @@ impl Client {
     }
 
     /// The shard map as the first answering node reports it (with its view of the leaders).
+    /// A node whose map is older than the cached one (it has not learned the last change yet)
+    /// is skipped when another node answers with a newer one.
     pub async fn shard_map(&self) -> Result<ShardMap, Error> {
         let mut addrs: Vec<String> = self.inner.config.endpoints.clone();
+        let known_epoch = self.table().map_or(0, |t| t.epoch);
         if let Some(t) = self.table() {
             addrs.extend(t.nodes.values().cloned());
         }
+        addrs.dedup();
         let mut last = String::from("no endpoint tried");
+        let mut best: Option<ShardMap> = None;
         for addr in addrs {
             match self.fetch_map(&addr).await {
-                Ok(map) => return Ok(map),
+                Ok(map) if map.epoch >= known_epoch => return Ok(map),
+                Ok(map) => {
+                    if best.as_ref().is_none_or(|b| b.epoch < map.epoch) {
+                        best = Some(map);
+                    }
+                }
                 Err(e) => last = format!("{addr}: {e}"),
             }
         }
-        Err(Error::Connect(last))
+        best.ok_or(Error::Connect(last))
     }
 
     async fn fetch_map(&self, addr: &str) -> Result<ShardMap, Error> {
@@ -293,16 +327,18 @@ impl Client {
                 attempt,
             );
             attempt += 1;
-            let addr = table.nodes.get(&node).cloned().unwrap_or_default();
-            let outcome = match self.channel(&addr) {
-                Ok(ch) => {
+            let addr = table.nodes.get(&node).cloned();
+            let outcome = match addr.map(|a| self.channel(&a)) {
+                // The node (a leader hint) joined after this map was loaded: reload it.
+                None => Err(unknown_node(node, table.epoch)),
+                Some(Ok(ch)) => {
                     let fut = call(KvClient::new(ch));
                     match tokio::time::timeout(self.inner.config.attempt_timeout, fut).await {
                         Ok(r) => r.map(|r| r.into_inner()),
                         Err(_) => Err(tonic::Status::deadline_exceeded("attempt timed out")),
                     }
                 }
-                Err(e) => Err(tonic::Status::unavailable(e.to_string())),
+                Some(Err(e)) => Err(tonic::Status::unavailable(e.to_string())),
             };
             let status = match outcome {
                 Ok(v) => {
@@ -349,12 +385,18 @@ impl Client {
                     reason,
                 } => {
                     may_have_applied |= m;
-                    let mut leaders = self.inner.leaders.lock().expect("leaders poisoned");
-                    leaders.forget(shard.id);
-                    if node_failed {
-                        leaders.suspect(node);
-                        // Another replica can be tried at once.
-                        wait = attempt.is_multiple_of(shard.replicas.len());
+                    {
+                        let mut leaders = self.inner.leaders.lock().expect("leaders poisoned");
+                        leaders.forget(shard.id);
+                        if node_failed {
+                            leaders.suspect(node);
+                            // Another replica can be tried at once.
+                            wait = attempt.is_multiple_of(shard.replicas.len());
+                        }
+                    }
+                    if wait && node_failed {
+                        // Every replica failed: the shard's replicas may have moved.
+                        let _ = self.refresh_map().await;
                     }
                     last = reason;
                 }

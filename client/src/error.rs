@@ -24,6 +24,10 @@ pub enum Error {
     /// The server reported a bug or storage failure.
     #[error("server error: {0}")]
     Server(String),
+    /// The cluster refused an admin request (unknown node, node added twice, a removal that
+    /// would leave a shard below quorum…). Nothing was changed.
+    #[error("{0}")]
+    Rejected(String),
 }
 
 impl Error {
@@ -75,6 +79,9 @@ pub(crate) fn classify(status: &tonic::Status, is_write: bool) -> Verdict {
                 Verdict::Fail(Error::InvalidArgument(status.message().to_string()))
             }
             "StaleRequest" => Verdict::Fail(Error::OutcomeUnknown(status.message().to_string())),
+            "NotFound" | "AlreadyExists" | "Refused" => {
+                Verdict::Fail(Error::Rejected(status.message().to_string()))
+            }
             _ => Verdict::Fail(Error::Server(status.message().to_string())),
         },
         // No details: the status came from the transport (connection refused or broken,

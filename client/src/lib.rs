@@ -16,13 +16,19 @@
 //!   acknowledged floor that lets servers forget finished writes.
 //! - [`client`]: [`Client`], [`ClientBuilder`] and the operations, with retries within a deadline.
 //! - `coalesce`: concurrent puts to one shard share one atomic batch request.
+//! - `admin`: membership requests (`add_node`, `remove_node`) sent to the meta leader.
 //!
 //! Retries: a request that meets `NotLeader`, `WrongShard`, an unavailable shard or a lost
 //! connection is retried (following leader hints, refreshing the shard map) until the operation's
-//! deadline. A retried write reuses its request id, so it never applies twice.
+//! deadline. A retried write reuses its request id, so it never applies twice. While replicas
+//! move (`strata node add/remove`) the shard map's epoch changes: a node that no longer holds a
+//! shard answers `WrongShard`, a hint may name a node the cached map does not know, and every
+//! replica of a shard may stop answering; each case reloads the map (never an older one) and
+//! retries.
 
 #![warn(missing_docs)]
 
+mod admin;
 pub mod client;
 mod coalesce;
 pub mod error;

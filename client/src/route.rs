@@ -16,6 +16,8 @@ pub struct RouteTable {
     pub shards: Vec<ShardRoute>,
     /// Client address of every node.
     pub nodes: HashMap<u64, String>,
+    /// Nodes of the meta group (they serve membership requests).
+    pub meta_replicas: Vec<u64>,
 }
 
 /// One shard's routing entry.
@@ -66,6 +68,7 @@ impl RouteTable {
         }
         Ok(RouteTable {
             epoch: map.epoch,
+            meta_replicas: map.meta_replicas,
             shards,
             nodes: map
                 .nodes
@@ -163,6 +166,7 @@ mod tests {
                 id: 1,
                 client_addr: "a".into(),
                 peer_addr: "b".into(),
+                ..Default::default()
             }],
             shards: ranges
                 .iter()
@@ -172,10 +176,11 @@ mod tests {
                     slot_start: *s,
                     slot_end: *e,
                     replicas: vec![1],
-                    leader: 0,
+                    ..Default::default()
                 })
                 .collect(),
             meta_replicas: vec![1],
+            ..Default::default()
         }
     }
 

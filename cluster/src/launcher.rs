@@ -33,6 +33,10 @@ pub struct NodeEntry {
     pub data_dir: PathBuf,
     /// Process id while running.
     pub pid: Option<u32>,
+    /// Started after bootstrap with `--join` (it joins with `strata node add`, not through
+    /// `--initial-cluster`).
+    #[serde(default)]
+    pub joined: bool,
 }
 
 /// The content of `cluster.json`.
@@ -71,10 +75,11 @@ impl ClusterFile {
         self.nodes.iter().map(|n| n.client_addr.clone()).collect()
     }
 
-    /// The `--initial-cluster` value for this cluster.
+    /// The `--initial-cluster` value for this cluster: its bootstrap nodes.
     fn initial_cluster(&self) -> String {
         self.nodes
             .iter()
+            .filter(|n| !n.joined)
             .map(|n| format!("{}={}/{}", n.id, n.client_addr, n.peer_addr))
             .collect::<Vec<_>>()
             .join(",")
@@ -141,6 +146,7 @@ impl LocalCluster {
                             peer_addr: format!("{}:{p}", spec.ip),
                             data_dir: dir.join(format!("node-{}", i + 1)),
                             pid: None,
+                            joined: false,
                         })
                         .collect(),
                 };
@@ -228,19 +234,25 @@ impl LocalCluster {
             .create(true)
             .append(true)
             .open(&log_path)?;
-        let child = Command::new(&self.node_bin)
-            .arg("--id")
+        let mut cmd = Command::new(&self.node_bin);
+        cmd.arg("--id")
             .arg(id.to_string())
             .arg("--data-dir")
             .arg(&entry.data_dir)
             .arg("--client-addr")
             .arg(&entry.client_addr)
             .arg("--peer-addr")
-            .arg(&entry.peer_addr)
-            .arg("--initial-cluster")
-            .arg(&initial)
-            .arg("--shards")
-            .arg(shards.to_string())
+            .arg(&entry.peer_addr);
+        if entry.joined {
+            // Ignored once the node has joined: it restarts from its stored layout.
+            cmd.arg("--join");
+        } else {
+            cmd.arg("--initial-cluster")
+                .arg(&initial)
+                .arg("--shards")
+                .arg(shards.to_string());
+        }
+        let child = cmd
             .args(&self.extra_args)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
@@ -257,6 +269,34 @@ impl LocalCluster {
         self.entry_mut(id)?.pid = Some(pid);
         self.file.save(&self.dir)?;
         Ok(pid)
+    }
+
+    /// Creates one more node entry (next id, free ports on the cluster's IP, its own data
+    /// directory) and starts it with `--join`: it waits for `strata node add`.
+    pub fn start_joining_node(&mut self) -> anyhow::Result<NodeEntry> {
+        if let Some(current) = ClusterFile::load(&self.dir)? {
+            self.file = current;
+        }
+        let id = self.file.nodes.iter().map(|n| n.id).max().unwrap_or(0) + 1;
+        let ip = self
+            .file
+            .nodes
+            .first()
+            .and_then(|n| n.client_addr.rsplit_once(':'))
+            .map_or("127.0.0.1".to_string(), |(ip, _)| ip.to_string());
+        let ports = free_ports(&ip, 2)?;
+        let entry = NodeEntry {
+            id,
+            client_addr: format!("{ip}:{}", ports[0]),
+            peer_addr: format!("{ip}:{}", ports[1]),
+            data_dir: self.dir.join(format!("node-{id}")),
+            pid: None,
+            joined: true,
+        };
+        self.file.nodes.push(entry.clone());
+        self.file.save(&self.dir)?;
+        self.start_node(id)?;
+        Ok(entry)
     }
 
     fn entry_mut(&mut self, id: u64) -> anyhow::Result<&mut NodeEntry> {
@@ -298,6 +338,10 @@ impl LocalCluster {
 
     /// Stops every node gracefully, including ones started by an earlier launcher.
     pub fn stop_all(&mut self, grace: Duration) -> anyhow::Result<()> {
+        // Other `strata` processes may have added or restarted nodes.
+        if let Some(current) = ClusterFile::load(&self.dir)? {
+            self.file = current;
+        }
         let ids: Vec<u64> = self
             .file
             .nodes

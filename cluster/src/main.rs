@@ -4,6 +4,14 @@
 use clap::Parser;
 
 fn main() {
+    // Exit quietly when stdout is closed early (`strata status | head`), like other CLI tools.
+    // SAFETY: sets the default disposition of one signal before any thread starts.
+    unsafe {
+        let _ = nix::sys::signal::signal(
+            nix::sys::signal::Signal::SIGPIPE,
+            nix::sys::signal::SigHandler::SigDfl,
+        );
+    }
     let args = strata_cluster::cli::Cli::parse();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

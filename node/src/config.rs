@@ -12,7 +12,7 @@ use anyhow::{bail, Context};
 use clap::Parser;
 use serde::Deserialize;
 
-use crate::layout::NodeSpec;
+use crate::layout::{NodePhase, NodeSpec};
 use crate::limits::Limits;
 
 /// Command-line flags (each also readable from its `STRATA_*` environment variable).
@@ -22,9 +22,14 @@ pub struct Args {
     /// TOML file with settings; flags and environment variables override it.
     #[arg(long, env = "STRATA_CONFIG")]
     pub config: Option<PathBuf>,
-    /// This node's id (> 0, never reused).
+    /// This node's id (> 0, never reused). Optional with `--join`: the cluster then gives the
+    /// node the next free id when it is added.
     #[arg(long, env = "STRATA_ID")]
     pub id: Option<u64>,
+    /// Start as a new, empty node that waits to be added to a running cluster with
+    /// `strata node add --addr <its client address>`. Ignored once the node has joined.
+    #[arg(long, env = "STRATA_JOIN")]
+    pub join: bool,
     /// Directory of this node's RocksDB and snapshots.
     #[arg(long, env = "STRATA_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
@@ -78,6 +83,7 @@ pub struct Args {
 #[serde(deny_unknown_fields)]
 struct FileConfig {
     id: Option<u64>,
+    join: Option<bool>,
     data_dir: Option<PathBuf>,
     client_addr: Option<SocketAddr>,
     peer_addr: Option<SocketAddr>,
@@ -111,8 +117,10 @@ pub struct RaftTimings {
 /// The resolved settings of one node.
 #[derive(Clone, Debug)]
 pub struct NodeConfig {
-    /// This node's id.
+    /// This node's id; 0 for a joining node that takes the id the cluster gives it.
     pub id: u64,
+    /// Wait to be added to a running cluster instead of bootstrapping one.
+    pub join: bool,
     /// RocksDB and snapshot directory.
     pub data_dir: PathBuf,
     /// Client API listen address.
@@ -147,38 +155,51 @@ impl NodeConfig {
             None => FileConfig::default(),
         };
         let defaults = Limits::default();
-        let id = args
-            .id
-            .or(file.id)
-            .context("missing node id: pass --id or STRATA_ID")?;
-        if id == 0 {
-            bail!("node id must be > 0");
-        }
-        let client_addr = args
-            .client_addr
-            .or(file.client_addr)
-            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 7100 + id as u16)));
-        let peer_addr = args
-            .peer_addr
-            .or(file.peer_addr)
-            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 7200 + id as u16)));
+        let join = args.join || file.join.unwrap_or(false);
+        let id = match args.id.or(file.id) {
+            Some(0) => bail!("node id must be > 0"),
+            Some(id) => id,
+            None if join => 0,
+            None => bail!("missing node id: pass --id or STRATA_ID (or --join to be given one)"),
+        };
+        // Defaults derived from the id exist only when there is an id.
+        let derived = |what: &str, port_base: u16| {
+            if id == 0 {
+                bail!("--join without --id needs an explicit --{what}");
+            }
+            Ok(SocketAddr::from(([127, 0, 0, 1], port_base + id as u16)))
+        };
+        let client_addr = match args.client_addr.or(file.client_addr) {
+            Some(a) => a,
+            None => derived("client-addr", 7100)?,
+        };
+        let peer_addr = match args.peer_addr.or(file.peer_addr) {
+            Some(a) => a,
+            None => derived("peer-addr", 7200)?,
+        };
         let initial_cluster = match args.initial_cluster.or(file.initial_cluster) {
+            Some(_) if join => bail!("--join and --initial-cluster exclude each other"),
             Some(spec) => parse_initial_cluster(&spec)?,
+            None if join => Vec::new(),
             None => vec![NodeSpec {
                 id,
                 client_addr: client_addr.to_string(),
                 peer_addr: peer_addr.to_string(),
+                phase: NodePhase::Active,
             }],
         };
-        if !initial_cluster.iter().any(|n| n.id == id) {
+        if !join && !initial_cluster.iter().any(|n| n.id == id) {
             bail!("--initial-cluster does not list this node's id {id}");
         }
+        let data_dir = match args.data_dir.or(file.data_dir) {
+            Some(d) => d,
+            None if id == 0 => bail!("--join without --id needs an explicit --data-dir"),
+            None => PathBuf::from(format!("strata-data/node-{id}")),
+        };
         let config = NodeConfig {
             id,
-            data_dir: args
-                .data_dir
-                .or(file.data_dir)
-                .unwrap_or_else(|| PathBuf::from(format!("strata-data/node-{id}"))),
+            join,
+            data_dir,
             client_addr,
             peer_addr,
             initial_cluster,
@@ -278,6 +299,7 @@ pub fn parse_initial_cluster(spec: &str) -> anyhow::Result<Vec<NodeSpec>> {
             id,
             client_addr: client.to_string(),
             peer_addr: peer.to_string(),
+            phase: NodePhase::Active,
         });
     }
     if nodes.is_empty() {
@@ -306,6 +328,34 @@ mod tests {
         assert_eq!(c.shards, 16, "flag wins over file");
         assert_eq!(c.raft.heartbeat, Duration::from_millis(50));
         assert_eq!(c.replication, 3, "default");
+    }
+
+    #[test]
+    fn join_mode_needs_addresses_without_an_id() {
+        let err = NodeConfig::resolve(Args {
+            join: true,
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(format!("{err:#}").contains("--client-addr"), "{err:#}");
+        let c = NodeConfig::resolve(Args {
+            join: true,
+            client_addr: Some("127.0.0.1:7104".parse().unwrap()),
+            peer_addr: Some("127.0.0.1:7204".parse().unwrap()),
+            data_dir: Some("/tmp/x".into()),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!((c.id, c.join), (0, true));
+        assert!(c.initial_cluster.is_empty());
+        let err = NodeConfig::resolve(Args {
+            join: true,
+            id: Some(4),
+            initial_cluster: Some("4=127.0.0.1:1/127.0.0.1:2".into()),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(format!("{err:#}").contains("exclude"), "{err:#}");
     }
 
     #[test]

@@ -11,6 +11,9 @@
 //! | `OutcomeUnknown` | Unknown | yes, with the same request id | **yes** |
 //! | `StaleRequest` | FailedPrecondition | no | yes (it was acknowledged before) |
 //! | `Internal` | Internal | no | yes, for writes (conservative) |
+//! | `NotFound` | NotFound | no | — (admin requests) |
+//! | `AlreadyExists` | AlreadyExists | no | — (admin requests) |
+//! | `Refused` | FailedPrecondition | no | — (admin requests) |
 
 use prost::Message;
 use strata_proto::v1::ErrorDetails;
@@ -68,6 +71,16 @@ pub enum KvError {
     /// A bug or a storage failure.
     #[error("internal error: {0}")]
     Internal(String),
+    /// An admin request names something that does not exist (an unknown node id).
+    #[error("not found: {0}")]
+    NotFound(String),
+    /// An admin request would create something that exists (a node added twice).
+    #[error("already exists: {0}")]
+    AlreadyExists(String),
+    /// An admin request is valid but unsafe now (it would leave a shard below quorum or the
+    /// cluster below the replication factor). Nothing was changed.
+    #[error("refused: {0}")]
+    Refused(String),
 }
 
 fn leader_text(leader: &Option<(u64, String)>) -> String {
@@ -125,6 +138,18 @@ impl KvError {
                 d.code = "Internal".into();
                 d.may_have_applied = true;
                 Code::Internal
+            }
+            KvError::NotFound(_) => {
+                d.code = "NotFound".into();
+                Code::NotFound
+            }
+            KvError::AlreadyExists(_) => {
+                d.code = "AlreadyExists".into();
+                Code::AlreadyExists
+            }
+            KvError::Refused(_) => {
+                d.code = "Refused".into();
+                Code::FailedPrecondition
             }
         };
         (code, d)

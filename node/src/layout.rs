@@ -1,7 +1,7 @@
-//! The cluster layout: which nodes exist, which shards exist, which slots each shard owns and which
-//! nodes replicate it. A node computes the initial layout once, at bootstrap, from the
-//! `--initial-cluster` list, stores it in its data directory, and writes it into the meta group;
-//! every later start reads it back, so restarts never depend on flags.
+//! The cluster layout: which nodes exist, which shards exist, which slots each shard owns, which
+//! nodes replicate it, and which replica move is under way. The meta group holds the
+//! authoritative copy (written by bootstrap and then only by the placement driver); every node
+//! keeps the newest copy it has seen in its data directory, so restarts never depend on flags.
 
 use serde::{Deserialize, Serialize};
 use strata_proto::keyspace::{slot_of, slot_ranges};
@@ -24,6 +24,40 @@ pub struct NodeSpec {
     pub client_addr: String,
     /// Peer (Raft transport) address.
     pub peer_addr: String,
+    /// Whether the node takes replicas or is being drained for removal.
+    #[serde(default)]
+    pub phase: NodePhase,
+}
+
+/// A node's place in the cluster's life cycle.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum NodePhase {
+    /// Holds replicas and receives new ones.
+    #[default]
+    Active,
+    /// `strata node remove` was asked: its replicas and leaderships move away, then it leaves.
+    Draining,
+}
+
+impl NodePhase {
+    /// The lower-case name shown by status.
+    pub fn name(self) -> &'static str {
+        match self {
+            NodePhase::Active => "active",
+            NodePhase::Draining => "draining",
+        }
+    }
+}
+
+/// A replica move owned by the placement driver: `to` gets a replica, then `from` (if any) loses
+/// its replica, in one joint-consensus change.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Move {
+    /// The replica that leaves (`None`: a replica is only added).
+    pub from: Option<u64>,
+    /// The node that receives a replica.
+    pub to: u64,
 }
 
 /// One shard: a Raft group owning a contiguous slot range.
@@ -35,8 +69,11 @@ pub struct ShardSpec {
     pub slot_start: u32,
     /// One past the last slot owned.
     pub slot_end: u32,
-    /// Nodes holding a replica; the first is the preferred leader.
+    /// Nodes holding a voting replica.
     pub replicas: Vec<u64>,
+    /// The replica move under way, if any.
+    #[serde(default)]
+    pub moving: Option<Move>,
 }
 
 /// The whole cluster layout.
@@ -50,6 +87,15 @@ pub struct Layout {
     pub shards: Vec<ShardSpec>,
     /// Nodes of the meta group.
     pub meta_replicas: Vec<u64>,
+    /// The meta-group replica move under way, if any.
+    #[serde(default)]
+    pub meta_moving: Option<Move>,
+    /// Target number of replicas per shard.
+    #[serde(default)]
+    pub replication: usize,
+    /// Every id below this one has been given out; ids are never reused.
+    #[serde(default)]
+    pub next_node_id: u64,
 }
 
 impl Layout {
@@ -67,15 +113,109 @@ impl Layout {
                 slot_start,
                 slot_end,
                 replicas: (0..r).map(|j| nodes[(i + j) % n].id).collect(),
+                moving: None,
             })
             .collect();
         let meta_replicas = nodes.iter().take(META_REPLICAS).map(|n| n.id).collect();
+        let next_node_id = nodes.iter().map(|n| n.id).max().unwrap_or(0) + 1;
         Layout {
             epoch: 1,
             nodes,
             shards,
             meta_replicas,
+            meta_moving: None,
+            replication: r,
+            next_node_id,
         }
+    }
+
+    /// The layout of a node that has not joined a cluster yet (epoch 0: every real layout is
+    /// newer).
+    pub fn empty() -> Layout {
+        Layout {
+            epoch: 0,
+            nodes: Vec::new(),
+            shards: Vec::new(),
+            meta_replicas: Vec::new(),
+            meta_moving: None,
+            replication: 0,
+            next_node_id: 1,
+        }
+    }
+
+    /// Target replicas per shard (layouts written before the field existed: the largest shard).
+    pub fn replication(&self) -> usize {
+        if self.replication > 0 {
+            return self.replication;
+        }
+        self.shards
+            .iter()
+            .map(|s| s.replicas.len())
+            .max()
+            .unwrap_or(1)
+    }
+
+    /// The id the next added node gets unless it asks for a larger one.
+    pub fn next_free_id(&self) -> u64 {
+        let max = self.nodes.iter().map(|n| n.id).max().unwrap_or(0);
+        self.next_node_id.max(max + 1)
+    }
+
+    /// The node with exactly these addresses, if any.
+    pub fn node_with_addrs(&self, client_addr: &str, peer_addr: &str) -> Option<&NodeSpec> {
+        self.nodes
+            .iter()
+            .find(|n| n.client_addr == client_addr && n.peer_addr == peer_addr)
+    }
+
+    /// The meta group's target size: up to 3 active nodes.
+    pub fn meta_target(&self) -> usize {
+        self.active_nodes().count().min(META_REPLICAS)
+    }
+
+    /// Nodes that take replicas.
+    pub fn active_nodes(&self) -> impl Iterator<Item = &NodeSpec> {
+        self.nodes.iter().filter(|n| n.phase == NodePhase::Active)
+    }
+
+    /// Every group id: the meta group, then the shards.
+    pub fn group_ids(&self) -> impl Iterator<Item = GroupId> + '_ {
+        std::iter::once(META_GROUP).chain(self.shards.iter().map(|s| s.id))
+    }
+
+    /// The move under way in `group`, if any.
+    pub fn moving(&self, group: GroupId) -> Option<Move> {
+        if group == META_GROUP {
+            self.meta_moving
+        } else {
+            self.shard(group).and_then(|s| s.moving)
+        }
+    }
+
+    /// Sets the move under way in `group`.
+    pub fn set_moving(&mut self, group: GroupId, mv: Option<Move>) {
+        if group == META_GROUP {
+            self.meta_moving = mv;
+        } else if let Some(s) = self.shards.iter_mut().find(|s| s.id == group) {
+            s.moving = mv;
+        }
+    }
+
+    /// Completes the move under way in `group`: `to` replaces `from` in the replica list.
+    pub fn finish_move(&mut self, group: GroupId) {
+        let Some(mv) = self.moving(group) else {
+            return;
+        };
+        let replicas = if group == META_GROUP {
+            &mut self.meta_replicas
+        } else {
+            match self.shards.iter_mut().find(|s| s.id == group) {
+                Some(s) => &mut s.replicas,
+                None => return,
+            }
+        };
+        *replicas = mv.voters_after(replicas);
+        self.set_moving(group, None);
     }
 
     /// The shard that owns `key`.
@@ -104,17 +244,38 @@ impl Layout {
         }
     }
 
-    /// Every group with a replica on `node`, meta group first.
+    /// Every group `node` must host, meta group first: those it replicates, plus those it is
+    /// receiving a replica of.
     pub fn groups_on(&self, node: u64) -> Vec<GroupId> {
-        let meta = self.meta_replicas.contains(&node).then_some(META_GROUP);
-        meta.into_iter()
-            .chain(
-                self.shards
-                    .iter()
-                    .filter(|s| s.replicas.contains(&node))
-                    .map(|s| s.id),
-            )
+        self.group_ids()
+            .filter(|g| {
+                let replica = self.replicas(*g).is_some_and(|r| r.contains(&node));
+                replica || self.moving(*g).is_some_and(|m| m.to == node)
+            })
             .collect()
+    }
+
+    /// Voting replicas of shards on `node` (the meta group not counted).
+    pub fn shard_count_on(&self, node: u64) -> usize {
+        self.shards
+            .iter()
+            .filter(|s| s.replicas.contains(&node))
+            .count()
+    }
+}
+
+impl Move {
+    /// The voter set after the move, keeping the order of `voters` (`to` takes `from`'s place).
+    pub fn voters_after(&self, voters: &[u64]) -> Vec<u64> {
+        let mut out: Vec<u64> = voters
+            .iter()
+            .map(|v| if Some(*v) == self.from { self.to } else { *v })
+            .collect();
+        if !out.contains(&self.to) {
+            out.push(self.to);
+        }
+        out.dedup();
+        out
     }
 }
 
@@ -128,6 +289,7 @@ mod tests {
                 id,
                 client_addr: format!("127.0.0.1:{}", 7100 + id),
                 peer_addr: format!("127.0.0.1:{}", 7200 + id),
+                phase: NodePhase::Active,
             })
             .collect()
     }
@@ -175,5 +337,39 @@ mod tests {
         assert_eq!(l.shard_for_key(b"{u}:a").id, l.shard_for_key(b"{u}:b").id);
         assert_eq!(l.groups_on(1)[0], META_GROUP);
         assert!(l.shard(9).is_none());
+    }
+
+    #[test]
+    fn a_move_replaces_one_replica_and_is_hosted_by_its_target_meanwhile() {
+        let mut l = Layout::initial(nodes(4), 4, 3);
+        let s = l.shards[0].clone();
+        assert_eq!(s.replicas, vec![1, 2, 3]);
+        assert!(!l.groups_on(4).contains(&s.id));
+        l.set_moving(
+            s.id,
+            Some(Move {
+                from: Some(2),
+                to: 4,
+            }),
+        );
+        assert!(l.groups_on(4).contains(&s.id), "target hosts the group");
+        assert!(l.groups_on(2).contains(&s.id), "source keeps it until done");
+        l.finish_move(s.id);
+        assert_eq!(l.shard(s.id).unwrap().replicas, vec![1, 4, 3]);
+        assert!(l.shard(s.id).unwrap().moving.is_none());
+        assert!(!l.groups_on(2).contains(&s.id));
+        // Adding only.
+        l.set_moving(META_GROUP, Some(Move { from: None, to: 4 }));
+        l.finish_move(META_GROUP);
+        assert_eq!(l.meta_replicas, vec![1, 2, 3, 4]);
+    }
+
+    #[test]
+    fn old_layouts_without_new_fields_still_parse() {
+        let json = r#"{"epoch":3,"nodes":[{"id":1,"client_addr":"a","peer_addr":"b"}],
+            "shards":[{"id":1,"slot_start":0,"slot_end":4096,"replicas":[1]}],"meta_replicas":[1]}"#;
+        let l: Layout = serde_json::from_str(json).unwrap();
+        assert_eq!(l.replication(), 1);
+        assert_eq!(l.nodes[0].phase, NodePhase::Active);
     }
 }

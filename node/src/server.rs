@@ -15,86 +15,49 @@ use tonic::transport::server::TcpIncoming;
 
 use crate::config::NodeConfig;
 use crate::layout::{Layout, META_GROUP};
+use crate::membership::meta::{self, LAYOUT_META_KEY};
+use crate::membership::{driver, reconcile};
 use crate::raft::network::PeerPool;
-use crate::raft::{Command, Group, Groups, Op};
 use crate::service::cluster::ClusterService;
 use crate::service::kv::KvService;
 use crate::service::transport::TransportService;
-use crate::service::NodeState;
+use crate::service::{NodeParts, NodeState};
 use crate::storage::state_machine::get;
 use crate::storage::Engine;
 
 /// Largest peer (Raft) message: AppendEntries carries up to 128 entries of up to 1 MiB each.
 pub const PEER_MESSAGE_BYTES: usize = 256 << 20;
 
-/// Key under which the meta group stores the layout.
-pub const LAYOUT_META_KEY: &[u8] = b"__strata/layout";
-
-/// Reserved client id of the node's own writes to the meta group.
-const BOOTSTRAP_CLIENT_ID: u64 = 1;
-
 /// How long a stopping node waits for each of its leaderships to move.
 const LEADERSHIP_HANDOVER_TIMEOUT: Duration = Duration::from_secs(2);
-
-/// Delay between starting two groups, so their election timers do not tick in lockstep.
-const GROUP_START_STAGGER: Duration = Duration::from_millis(15);
 
 /// Runs a node until `shutdown` resolves.
 pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     let engine = Engine::open(&config.data_dir.join("db"), config.memory_budget_bytes)
         .with_context(|| format!("open storage in {}", config.data_dir.display()))?;
-    let (layout, first_boot) = match engine.load_layout()? {
-        Some(layout) => (layout, false),
-        None => {
-            let layout = Layout::initial(
-                config.initial_cluster.clone(),
-                config.shards,
-                config.replication,
-            );
-            engine.save_layout(&layout)?;
-            (layout, true)
-        }
-    };
-    let Some(me) = layout.node(config.id).cloned() else {
-        bail!(
-            "node id {} is not part of the cluster stored in {}",
-            config.id,
-            config.data_dir.display()
-        );
-    };
+    let (id, layout, first_boot) = identity(&config, &engine)?;
     tracing::info!(
-        node = config.id,
+        node = id,
         first_boot,
-        shards = layout.shards.len(),
-        epoch = layout.epoch,
+        joining = layout.is_none(),
         "starting"
     );
 
     let bind_ip = Some(config.peer_addr.ip()).filter(|ip| !ip.is_unspecified());
-    let pool = PeerPool::new(&layout.nodes, bind_ip, PEER_MESSAGE_BYTES);
-    let groups = Groups::default();
-    let snapshot_dir = config.data_dir.join("snapshots");
-    for id in layout.groups_on(config.id) {
-        let g = Group::start(
-            id,
-            config.id,
-            engine.clone(),
-            pool.clone(),
-            &config.raft,
-            snapshot_dir.clone(),
-        )
-        .await
-        .with_context(|| format!("start group {id}"))?;
-        groups.insert(g);
-        tokio::time::sleep(GROUP_START_STAGGER).await;
-    }
-    let node = Arc::new(NodeState {
-        id: config.id,
-        layout,
-        groups,
+    let node = Arc::new(NodeState::new(NodeParts {
+        id,
+        layout: Layout::empty(),
         limits: config.limits.clone(),
         engine: engine.clone(),
-    });
+        pool: PeerPool::new(&[], bind_ip, PEER_MESSAGE_BYTES),
+        raft_timings: config.raft.clone(),
+        snapshot_dir: config.data_dir.join("snapshots"),
+        client_addr: config.client_addr.to_string(),
+        peer_addr: config.peer_addr.to_string(),
+    }));
+    if let Some(layout) = &layout {
+        reconcile::adopt(&node, layout.clone()).await?;
+    }
 
     let client_listener = TcpListener::bind(config.client_addr)
         .await
@@ -124,37 +87,70 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> anyh
     if first_boot {
         bootstrap(&node).await?;
     }
-    tracing::info!(node = me.id, client = %me.client_addr, peer = %me.peer_addr, "serving");
+    let driver = tokio::spawn(driver::run(node.clone(), stop_rx.clone()));
+    tracing::info!(
+        node = node.id(),
+        client = %config.client_addr,
+        peer = %config.peer_addr,
+        membership = node.membership().name(),
+        "serving"
+    );
 
     shutdown.await;
-    tracing::info!(node = me.id, "shutting down");
+    tracing::info!(node = node.id(), "shutting down");
     hand_over_leaderships(&node).await;
     let _ = stop_tx.send(true);
     let _ = client_task.await;
     let _ = peer_task.await;
+    let _ = driver.await;
     for g in node.groups.all() {
         g.shutdown().await;
     }
-    tracing::info!(node = me.id, "stopped");
+    tracing::info!(node = node.id(), "stopped");
     Ok(())
+}
+
+/// This node's id and the layout to start with: the stored ones after a restart; at first
+/// start, the bootstrap layout from `--initial-cluster`, or none for a node started with
+/// `--join` (it waits for `strata node add`). Returns whether this is a bootstrap.
+fn identity(config: &NodeConfig, engine: &Engine) -> anyhow::Result<(u64, Option<Layout>, bool)> {
+    let stored_id = engine.load_node_id()?;
+    if let Some(layout) = engine.load_layout()? {
+        // Clusters bootstrapped before ids were stored have the flag id only.
+        let id = stored_id.unwrap_or(config.id);
+        if config.id != 0 && config.id != id {
+            bail!(
+                "this data directory belongs to node {id}, but --id {} was given",
+                config.id
+            );
+        }
+        return Ok((id, Some(layout), false));
+    }
+    if config.join {
+        return Ok((config.id, None, false));
+    }
+    let layout = Layout::initial(
+        config.initial_cluster.clone(),
+        config.shards,
+        config.replication,
+    );
+    engine.save_identity(config.id, &layout)?;
+    Ok((config.id, Some(layout), true))
 }
 
 /// Before a planned stop, moves the leadership of every group this node leads to another replica,
 /// so clients of those shards wait for a hand-over (milliseconds) rather than for an election
 /// timeout. Best effort: a group whose hand-over does not finish in time is left to elect.
 async fn hand_over_leaderships(node: &NodeState) {
+    let layout = node.layout();
+    let me = node.id();
     let handovers = node
         .groups
         .all()
         .into_iter()
         .filter(|g| g.is_leader())
         .filter_map(|g| {
-            let to = node
-                .layout
-                .replicas(g.id)?
-                .iter()
-                .copied()
-                .find(|r| *r != node.id)?;
+            let to = layout.replicas(g.id)?.iter().copied().find(|r| *r != me)?;
             Some(async move {
                 let moved = g
                     .hand_over_leadership(to, LEADERSHIP_HANDOVER_TIMEOUT)
@@ -172,13 +168,13 @@ fn incoming(listener: TcpListener) -> TcpIncoming {
 }
 
 /// First start of a fresh cluster: each group is initialized by its first replica (so initial
-/// leaders spread like the preferred leaders), and the meta group's first replica records the
-/// layout in the meta group.
+/// leaders spread like the preferred leaders), and the meta replicas record the layout in the
+/// meta group.
 async fn bootstrap(node: &Arc<NodeState>) -> anyhow::Result<()> {
-    let layout = &node.layout;
+    let layout = node.layout();
     for g in node.groups.all() {
         let replicas = layout.replicas(g.id).unwrap_or_default();
-        if replicas.first() != Some(&node.id) {
+        if replicas.first() != Some(&node.id()) {
             continue;
         }
         let members: Vec<_> = replicas.iter().filter_map(|id| layout.node(*id)).collect();
@@ -186,41 +182,32 @@ async fn bootstrap(node: &Arc<NodeState>) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("initialize group {}", g.id))?;
     }
-    if layout.meta_replicas.contains(&node.id) {
+    if layout.meta_replicas.contains(&node.id()) {
         let node = node.clone();
         tokio::spawn(async move { record_layout(&node).await });
     }
     Ok(())
 }
 
-/// Writes the layout into the meta group. Every meta replica runs this on first start: whichever
-/// leads the meta group writes it, and each stops once its own replica has applied it. The shared
-/// request id makes the writes idempotent.
+/// Writes the bootstrap layout into the meta group. Every meta replica runs this on first start:
+/// whichever leads the meta group writes it (a compare-and-set on "absent", so it happens once),
+/// and each stops once its own replica has a layout.
 async fn record_layout(node: &NodeState) {
     let Some(meta) = node.groups.get(META_GROUP) else {
         return;
     };
-    let value = serde_json::to_vec(&node.layout).expect("layout serializes");
-    let cmd = Command {
-        client_id: BOOTSTRAP_CLIENT_ID,
-        sequence: node.layout.epoch,
-        acked_below: 0,
-        op: Op::Put {
-            key: LAYOUT_META_KEY.into(),
-            value: value.into(),
-        },
-    };
+    let layout = node.layout();
     for _ in 0..600 {
         if matches!(get(&node.engine, META_GROUP, LAYOUT_META_KEY), Ok(Some(_))) {
             return;
         }
         if meta.is_leader() {
-            match meta.write(cmd.clone()).await {
-                Ok(_) => {
+            match meta::record_initial(node, &layout).await {
+                Ok(()) => {
                     tracing::info!("layout recorded in the meta group");
                     return;
                 }
-                Err(e) => tracing::debug!("record layout: {e:?}"),
+                Err(e) => tracing::debug!("record layout: {e}"),
             }
         }
         tokio::time::sleep(Duration::from_millis(200)).await;

@@ -17,6 +17,17 @@ pub enum DevCmd {
     Up(UpArgs),
     /// Start one node of a running local cluster again (after it was killed).
     RestartNode(RestartArgs),
+    /// Start one more, empty node for the local cluster (with `--join`), ready for
+    /// `strata node add`. It is recorded in cluster.json, so `dev up` restarts and stops it too.
+    AddNode(AddNodeArgs),
+}
+
+/// `strata dev add-node`.
+#[derive(Args, Debug)]
+pub struct AddNodeArgs {
+    /// Directory of the cluster.
+    #[arg(long, default_value = super::DEFAULT_DATA_DIR)]
+    pub data_dir: PathBuf,
 }
 
 /// `strata dev up`.
@@ -55,7 +66,41 @@ pub async fn run(cmd: &DevCmd) -> anyhow::Result<()> {
     match cmd {
         DevCmd::Up(a) => up(a).await,
         DevCmd::RestartNode(a) => restart_node(a).await,
+        DevCmd::AddNode(a) => add_node(a).await,
     }
+}
+
+/// Opens the existing local cluster in `dir`.
+fn existing_cluster(dir: &std::path::Path) -> anyhow::Result<LocalCluster> {
+    if crate::launcher::ClusterFile::load(dir)?.is_none() {
+        anyhow::bail!("no cluster in {}: run strata dev up first", dir.display());
+    }
+    let spec = ClusterSpec {
+        nodes: 0,
+        shards: 0,
+        base_port: None,
+        ip: "127.0.0.1".into(),
+    };
+    LocalCluster::open_or_create(dir, &find_node_binary()?, &spec)
+}
+
+async fn add_node(a: &AddNodeArgs) -> anyhow::Result<()> {
+    let mut cluster = existing_cluster(&a.data_dir)?;
+    let entry = cluster.start_joining_node()?;
+    cluster.detach();
+    println!(
+        "node {} started empty (pid {}), client {}, peer {}, log {}",
+        entry.id,
+        cluster.file().nodes.last().and_then(|n| n.pid).unwrap_or(0),
+        entry.client_addr,
+        entry.peer_addr,
+        entry.data_dir.join("node.log").display()
+    );
+    println!(
+        "add it to the cluster with: strata node add --addr {} --wait",
+        entry.client_addr
+    );
+    Ok(())
 }
 
 async fn up(a: &UpArgs) -> anyhow::Result<()> {
@@ -139,20 +184,7 @@ async fn up(a: &UpArgs) -> anyhow::Result<()> {
 }
 
 async fn restart_node(a: &RestartArgs) -> anyhow::Result<()> {
-    let bin = find_node_binary()?;
-    let spec = ClusterSpec {
-        nodes: 0,
-        shards: 0,
-        base_port: None,
-        ip: "127.0.0.1".into(),
-    };
-    if crate::launcher::ClusterFile::load(&a.data_dir)?.is_none() {
-        anyhow::bail!(
-            "no cluster in {}: run strata dev up first",
-            a.data_dir.display()
-        );
-    }
-    let mut cluster = LocalCluster::open_or_create(&a.data_dir, &bin, &spec)?;
+    let mut cluster = existing_cluster(&a.data_dir)?;
     let entry = cluster
         .file()
         .nodes

@@ -2,7 +2,8 @@
 //!
 //! - [`dev`]: `strata dev up` / `strata dev restart-node` — a local cluster in the foreground.
 //! - [`kv`]: `get`, `put`, `del`, `scan`, `cas`.
-//! - [`status`]: `strata status` — nodes, shards, leaders, applied index.
+//! - [`status`]: `strata status` — nodes, shards, leaders, moves, applied index, placement log.
+//! - [`node`]: `strata node add` / `strata node remove` — membership changes.
 //! - [`bench`](mod@bench): `strata bench` — a closed-loop load generator with latency percentiles.
 //! - [`output`]: table or JSON rendering (`-o table|json`).
 //!
@@ -12,6 +13,7 @@
 pub mod bench;
 pub mod dev;
 pub mod kv;
+pub mod node;
 pub mod output;
 pub mod status;
 
@@ -65,8 +67,11 @@ pub enum Cmd {
     /// Local development cluster.
     #[command(subcommand)]
     Dev(dev::DevCmd),
-    /// Nodes, shards, leaders and applied indexes.
+    /// Nodes, shards, leaders, replica moves, applied indexes and placement decisions.
     Status,
+    /// Add or remove nodes.
+    #[command(subcommand)]
+    Node(node::NodeCmd),
     /// Read a key.
     Get(kv::GetArgs),
     /// Write a key.
@@ -86,6 +91,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match &cli.command {
         Cmd::Dev(cmd) => dev::run(cmd).await,
         Cmd::Status => status::run(&cli).await,
+        Cmd::Node(cmd) => node::run(&cli, cmd).await,
         Cmd::Get(a) => kv::get(&cli, a).await,
         Cmd::Put(a) => kv::put(&cli, a).await,
         Cmd::Del(a) => kv::del(&cli, a).await,

@@ -1,10 +1,12 @@
 //! `strata status`: asks every node for its view and merges them — which nodes answer, which node
-//! leads each shard, and how far each replica has applied.
+//! leads each shard, which replica moves are under way, how far each replica has applied, and the
+//! placement driver's recent decisions.
 
 use std::collections::BTreeMap;
 
 use serde::Serialize;
 
+use super::node::newest_map;
 use super::output::{json, table};
 use super::{Cli, Format};
 
@@ -13,7 +15,11 @@ struct NodeOut {
     id: u64,
     client_addr: String,
     peer_addr: String,
+    /// "active" or "draining".
+    state: String,
     up: bool,
+    /// Shard replicas placed on the node.
+    replicas: usize,
     leads: usize,
 }
 
@@ -23,6 +29,8 @@ struct ShardOut {
     id: u64,
     slots: String,
     replicas: Vec<u64>,
+    /// Replica move under way: "from->to" ("-" as from when only adding).
+    moving: Option<String>,
     leader: Option<u64>,
     term: u64,
     /// Applied index per answering replica.
@@ -38,51 +46,76 @@ struct StatusOut {
     epoch: u64,
     nodes: Vec<NodeOut>,
     shards: Vec<ShardOut>,
+    /// The node running the placement driver (the meta leader).
+    placement_driver: Option<u64>,
+    /// Its recent decisions, oldest first.
+    placement_events: Vec<String>,
+}
+
+fn moving(from: u64, to: u64) -> Option<String> {
+    (to != 0).then(|| {
+        let from = if from == 0 {
+            "-".into()
+        } else {
+            from.to_string()
+        };
+        format!("{from}->{to}")
+    })
 }
 
 /// Runs `strata status`.
 pub async fn run(cli: &Cli) -> anyhow::Result<()> {
     let client = cli.client().await?;
-    let table_ = client.route_table().expect("connected client has a map");
-    // The map as the first answering node has it: meta replicas and peer addresses.
-    let map = client.shard_map().await?;
+    // The newest map any node has: replicas, moves, node states, peer addresses.
+    let map = newest_map(&client).await?;
     let mut shards: BTreeMap<u64, ShardOut> = BTreeMap::new();
+    let empty = || (BTreeMap::new(), BTreeMap::new(), BTreeMap::new());
+    let (applied, snapshot, purged) = empty();
     shards.insert(
         0,
         ShardOut {
             id: 0,
             slots: "meta".into(),
             replicas: map.meta_replicas.clone(),
+            moving: moving(map.meta_moving_from, map.meta_moving_to),
             leader: None,
             term: 0,
-            applied: BTreeMap::new(),
-            snapshot: BTreeMap::new(),
-            purged: BTreeMap::new(),
+            applied,
+            snapshot,
+            purged,
         },
     );
-    for s in &table_.shards {
+    for s in &map.shards {
+        let (applied, snapshot, purged) = empty();
         shards.insert(
             s.id,
             ShardOut {
                 id: s.id,
                 slots: format!("{}..{}", s.slot_start, s.slot_end),
                 replicas: s.replicas.clone(),
+                moving: moving(s.moving_from, s.moving_to),
                 leader: None,
                 term: 0,
-                applied: BTreeMap::new(),
-                snapshot: BTreeMap::new(),
-                purged: BTreeMap::new(),
+                applied,
+                snapshot,
+                purged,
             },
         );
     }
     let mut nodes = Vec::new();
-    let mut ids: Vec<_> = table_.nodes.keys().copied().collect();
-    ids.sort_unstable();
-    for id in ids {
-        let addr = &table_.nodes[&id];
-        let status = client.node_status(addr).await;
+    let mut placement_driver = None;
+    let mut placement_events = Vec::new();
+    let mut specs = map.nodes.clone();
+    specs.sort_by_key(|n| n.id);
+    for spec in specs {
+        let id = spec.id;
+        let status = client.node_status(&spec.client_addr).await;
         let mut leads = 0;
         if let Ok(st) = &status {
+            if st.placement_driver {
+                placement_driver = Some(id);
+                placement_events = st.placement_events.clone();
+            }
             for g in &st.groups {
                 let Some(s) = shards.get_mut(&g.group_id) else {
                     continue;
@@ -93,27 +126,32 @@ pub async fn run(cli: &Cli) -> anyhow::Result<()> {
                 if g.role == "leader" && g.term >= s.term {
                     s.leader = Some(id);
                     s.term = g.term;
-                    leads += 1;
+                    if g.group_id != 0 {
+                        leads += 1;
+                    }
                 }
             }
         }
         nodes.push(NodeOut {
             id,
-            client_addr: addr.clone(),
-            peer_addr: map
-                .nodes
-                .iter()
-                .find(|n| n.id == id)
-                .map(|n| n.peer_addr.clone())
-                .unwrap_or_default(),
+            client_addr: spec.client_addr.clone(),
+            peer_addr: spec.peer_addr.clone(),
+            state: spec.state.clone(),
             up: status.is_ok(),
+            replicas: map
+                .shards
+                .iter()
+                .filter(|s| s.replicas.contains(&id))
+                .count(),
             leads,
         });
     }
     let out = StatusOut {
-        epoch: table_.epoch,
+        epoch: map.epoch,
         nodes,
         shards: shards.into_values().collect(),
+        placement_driver,
+        placement_events,
     };
     if cli.output == Format::Json {
         return json(&out);
@@ -128,12 +166,19 @@ pub async fn run(cli: &Cli) -> anyhow::Result<()> {
                 n.id.to_string(),
                 n.client_addr.clone(),
                 n.peer_addr.clone(),
+                n.state.clone(),
                 if n.up { "up" } else { "DOWN" }.into(),
+                n.replicas.to_string(),
                 n.leads.to_string(),
             ]
         })
         .collect();
-    table(&["NODE", "CLIENT", "PEER", "STATUS", "LEADS"], &rows);
+    table(
+        &[
+            "NODE", "CLIENT", "PEER", "STATE", "STATUS", "REPLICAS", "LEADS",
+        ],
+        &rows,
+    );
     println!();
     let rows: Vec<Vec<String>> = out
         .shards
@@ -151,6 +196,7 @@ pub async fn run(cli: &Cli) -> anyhow::Result<()> {
                     .map(u64::to_string)
                     .collect::<Vec<_>>()
                     .join(","),
+                s.moving.clone().unwrap_or_else(|| "-".into()),
                 s.leader.map_or("NONE".into(), |l| l.to_string()),
                 s.term.to_string(),
                 s.applied
@@ -166,11 +212,21 @@ pub async fn run(cli: &Cli) -> anyhow::Result<()> {
             "SHARD",
             "SLOTS",
             "REPLICAS",
+            "MOVING",
             "LEADER",
             "TERM",
             "APPLIED (node:index)",
         ],
         &rows,
     );
+    println!();
+    match out.placement_driver {
+        Some(id) => println!("placement driver: node {id} (the meta leader); recent decisions:"),
+        None => println!("placement driver: no meta leader answered"),
+    }
+    let recent = out.placement_events.len().saturating_sub(10);
+    for e in &out.placement_events[recent..] {
+        println!("  {e}");
+    }
     Ok(())
 }

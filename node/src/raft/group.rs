@@ -4,14 +4,15 @@
 //! leads, report status. It also classifies openraft's errors into the three write outcomes:
 //! rejected before proposing (definitely not applied), applied, or unknown.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use openraft::error::{ClientWriteError, RaftError};
 use openraft::type_config::async_runtime::watch::WatchReceiver;
-use openraft::{BasicNode, Config, ReadPolicy, ServerState, SnapshotPolicy};
+use openraft::{BasicNode, ChangeMembers, Config, ReadPolicy, ServerState, SnapshotPolicy};
 use openraft_multi::GroupNetworkFactory;
 use strata_proto::v1::GroupStatus;
 
@@ -21,6 +22,9 @@ use super::types::{Command, Outcome, TypeConfig};
 use crate::config::RaftTimings;
 use crate::layout::{GroupId, NodeSpec};
 use crate::storage::{Engine, LogStore, StateMachine};
+
+/// Longest wait for one membership change (joint + final configuration) to commit.
+const MEMBERSHIP_CHANGE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The openraft instance of one group.
 pub type StrataRaft = openraft::Raft<TypeConfig, StateMachine>;
@@ -50,6 +54,8 @@ pub struct Group {
     raft: StrataRaft,
     /// Shares ReadIndex rounds between concurrent linearizable reads.
     reads: Arc<ReadBatcher>,
+    /// Snapshots installed from a leader since start (the state machine counts them).
+    snapshot_installs: Arc<AtomicU64>,
 }
 
 /// Openraft settings for every group, sized for a busy 2-core machine.
@@ -87,10 +93,16 @@ impl Group {
     ) -> anyhow::Result<Group> {
         let log = LogStore::new(engine.clone(), id);
         let sm = StateMachine::open(engine, id, snapshot_dir)?;
+        let snapshot_installs = sm.installs();
         let network: NetworkFactory = GroupNetworkFactory::new(pool, id);
         let raft = StrataRaft::new(node_id, raft_config(timings)?, network, log, sm).await?;
         let reads = ReadBatcher::new(raft.clone());
-        Ok(Group { id, raft, reads })
+        Ok(Group {
+            id,
+            raft,
+            reads,
+            snapshot_installs,
+        })
     }
 
     /// Forms the group with `members` as voters. Called once, at bootstrap, on one member.
@@ -168,6 +180,8 @@ impl Group {
             applied_index: m.last_applied.map_or(0, |l| l.index()),
             snapshot_index: m.snapshot.map_or(0, |l| l.index()),
             purged_index: m.purged.map_or(0, |l| l.index()),
+            snapshots_installed: self.snapshot_installs.load(Ordering::Relaxed),
+            voters: m.membership_config.membership().voter_ids().collect(),
         }
     }
 
@@ -200,6 +214,66 @@ impl Group {
             .is_ok()
     }
 
+    /// Makes the voters exactly `voters`, on the leader: each new node is added as a learner and
+    /// given up to `catch_up` to receive the log (or a snapshot), then one membership change
+    /// replaces the voter set (openraft proposes the joint configuration, then the final one);
+    /// finally learners that are not voters are dropped. Idempotent: a repeated call after a
+    /// partial run finishes the job.
+    pub async fn set_voters(&self, voters: &[NodeSpec], catch_up: Duration) -> Result<(), String> {
+        if !self.is_leader() {
+            return Err(format!(
+                "node {} does not lead group {}",
+                self.raft.node_id(),
+                self.id
+            ));
+        }
+        let want: BTreeSet<u64> = voters.iter().map(|n| n.id).collect();
+        let membership = || {
+            self.raft
+                .metrics()
+                .borrow_watched()
+                .membership_config
+                .clone()
+        };
+        let known: BTreeSet<u64> = membership().nodes().map(|(id, _)| *id).collect();
+        for n in voters.iter().filter(|n| !known.contains(&n.id)) {
+            let add = self
+                .raft
+                .add_learner(n.id, BasicNode::new(&n.peer_addr), true);
+            tokio::time::timeout(catch_up, add)
+                .await
+                .map_err(|_| format!("node {} did not catch up within {catch_up:?}", n.id))?
+                .map_err(|e| format!("add node {} as learner: {e}", n.id))?;
+        }
+        let m = membership();
+        let voters_now: BTreeSet<u64> = m.membership().voter_ids().collect();
+        let joint = m.membership().get_joint_config().len() > 1;
+        if voters_now != want || joint {
+            let change = self
+                .raft
+                .change_membership(ChangeMembers::ReplaceAllVoters(want.clone()), false);
+            tokio::time::timeout(MEMBERSHIP_CHANGE_TIMEOUT, change)
+                .await
+                .map_err(|_| "membership change did not commit in time".to_string())?
+                .map_err(|e| format!("change voters to {want:?}: {e}"))?;
+        }
+        let extra: BTreeSet<u64> = membership()
+            .membership()
+            .learner_ids()
+            .filter(|l| !want.contains(l))
+            .collect();
+        if !extra.is_empty() {
+            let change = self
+                .raft
+                .change_membership(ChangeMembers::RemoveNodes(extra.clone()), false);
+            tokio::time::timeout(MEMBERSHIP_CHANGE_TIMEOUT, change)
+                .await
+                .map_err(|_| "learner removal did not commit in time".to_string())?
+                .map_err(|e| format!("remove learners {extra:?}: {e}"))?;
+        }
+        Ok(())
+    }
+
     /// Stops the Raft instance.
     pub async fn shutdown(&self) {
         if let Err(e) = self.raft.shutdown().await {
@@ -224,6 +298,11 @@ impl Groups {
             .expect("groups poisoned")
             .insert(g.id, g.clone());
         g
+    }
+
+    /// Unregisters group `id` (the caller shuts it down).
+    pub fn remove(&self, id: GroupId) -> Option<Arc<Group>> {
+        self.map.write().expect("groups poisoned").remove(&id)
     }
 
     /// The group `id`, if hosted here.

@@ -72,6 +72,15 @@ impl PeerPool {
         }
     }
 
+    /// Learns the addresses of `nodes` (new nodes join the pool; ids are never reused, so a
+    /// known id keeps its address).
+    pub fn set_nodes(&self, nodes: &[NodeSpec]) {
+        let mut addrs = self.inner.addrs.write().expect("addrs poisoned");
+        for n in nodes {
+            addrs.entry(n.id).or_insert_with(|| n.peer_addr.clone());
+        }
+    }
+
     fn client(&self, target: u64) -> Result<RaftClient<Channel>, Unreachable<TypeConfig>> {
         let mut clients = self.inner.clients.lock().expect("clients poisoned");
         if let Some(c) = clients.get(&target) {
@@ -87,18 +96,30 @@ impl PeerPool {
             .ok_or_else(|| {
                 Unreachable::from_string(format!("node {target} has no known address"))
             })?;
-        let endpoint = Endpoint::from_shared(format!("http://{addr}"))
-            .map_err(|e| Unreachable::from_string(format!("bad peer address {addr}: {e}")))?
+        let client = self
+            .client_at(&addr)
+            .map_err(|e| Unreachable::from_string(e.to_string()))?;
+        clients.insert(target, client.clone());
+        Ok(client)
+    }
+
+    /// A new client for the peer service at `addr` (not pooled: for probing a node that is not
+    /// part of the cluster yet).
+    pub fn client_at(&self, addr: &str) -> Result<RaftClient<Channel>, tonic::transport::Error> {
+        let endpoint = Endpoint::from_shared(format!("http://{addr}"))?
             .connect_timeout(Duration::from_secs(1))
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(5))
             .keep_alive_timeout(Duration::from_secs(5))
             .local_address(self.inner.bind_ip);
-        let client = RaftClient::new(endpoint.connect_lazy())
+        Ok(RaftClient::new(endpoint.connect_lazy())
             .max_decoding_message_size(self.inner.max_message)
-            .max_encoding_message_size(self.inner.max_message);
-        clients.insert(target, client.clone());
-        Ok(client)
+            .max_encoding_message_size(self.inner.max_message))
+    }
+
+    /// The pooled client of node `target`, for the placement driver's calls.
+    pub fn peer(&self, target: u64) -> Result<RaftClient<Channel>, String> {
+        self.client(target).map_err(|e| e.to_string())
     }
 
     async fn call<Req: Serialize, Resp: DeserializeOwned>(

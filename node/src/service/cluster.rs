@@ -1,18 +1,28 @@
-//! The `Cluster` service: the shard map clients route with, and this node's view of its groups.
+//! The `Cluster` service: the shard map clients route with, this node's view of its groups, and
+//! the operator's add/remove node requests (served by the meta leader).
 
 use std::sync::Arc;
 
 use strata_proto::v1::cluster_server::Cluster;
 use strata_proto::v1::{
-    NodeInfo, ShardInfo, ShardMap, ShardMapRequest, StatusRequest, StatusResponse,
+    AddNodeRequest, AddNodeResponse, RemoveNodeRequest, RemoveNodeResponse, ShardInfo, ShardMap,
+    ShardMapRequest, StatusRequest, StatusResponse,
 };
 use tonic::{Request, Response, Status};
 
 use super::NodeState;
+use crate::layout::{Move, META_GROUP};
+use crate::membership::admin;
+use crate::membership::driver::node_info;
 
 /// The `Cluster` gRPC service.
 pub struct ClusterService {
     node: Arc<NodeState>,
+}
+
+/// `(from, to)` of a move on the wire (0 = none).
+fn move_ids(mv: Option<Move>) -> (u64, u64) {
+    mv.map_or((0, 0), |m| (m.from.unwrap_or(0), m.to))
 }
 
 impl ClusterService {
@@ -23,36 +33,37 @@ impl ClusterService {
 
     /// The layout as a wire shard map, with the leaders this node knows of.
     fn shard_map(&self) -> ShardMap {
-        let layout = &self.node.layout;
+        let layout = self.node.layout();
+        let (meta_moving_from, meta_moving_to) = move_ids(layout.meta_moving);
         ShardMap {
             epoch: layout.epoch,
             slot_count: strata_proto::keyspace::SLOT_COUNT,
-            nodes: layout
-                .nodes
-                .iter()
-                .map(|n| NodeInfo {
-                    id: n.id,
-                    client_addr: n.client_addr.clone(),
-                    peer_addr: n.peer_addr.clone(),
-                })
-                .collect(),
+            nodes: layout.nodes.iter().map(node_info).collect(),
             shards: layout
                 .shards
                 .iter()
-                .map(|s| ShardInfo {
-                    id: s.id,
-                    slot_start: s.slot_start,
-                    slot_end: s.slot_end,
-                    replicas: s.replicas.clone(),
-                    leader: self
-                        .node
-                        .groups
-                        .get(s.id)
-                        .and_then(|g| g.leader())
-                        .unwrap_or(0),
+                .map(|s| {
+                    let (moving_from, moving_to) = move_ids(s.moving);
+                    ShardInfo {
+                        id: s.id,
+                        slot_start: s.slot_start,
+                        slot_end: s.slot_end,
+                        replicas: s.replicas.clone(),
+                        leader: self
+                            .node
+                            .groups
+                            .get(s.id)
+                            .and_then(|g| g.leader())
+                            .unwrap_or(0),
+                        moving_from,
+                        moving_to,
+                    }
                 })
                 .collect(),
             meta_replicas: layout.meta_replicas.clone(),
+            replication: layout.replication() as u32,
+            meta_moving_from,
+            meta_moving_to,
         }
     }
 }
@@ -63,14 +74,44 @@ impl Cluster for ClusterService {
         &self,
         _: Request<ShardMapRequest>,
     ) -> Result<Response<ShardMap>, Status> {
+        self.node.member_layout()?;
         Ok(Response::new(self.shard_map()))
     }
 
     async fn status(&self, _: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
+        let node = &self.node;
+        let placement_driver = node.groups.get(META_GROUP).is_some_and(|g| g.is_leader());
         Ok(Response::new(StatusResponse {
-            node_id: self.node.id,
-            map: Some(self.shard_map()),
-            groups: self.node.groups.all().iter().map(|g| g.status()).collect(),
+            node_id: node.id(),
+            map: (node.layout().epoch > 0).then(|| self.shard_map()),
+            groups: node.groups.all().iter().map(|g| g.status()).collect(),
+            peer_addr: node.peer_addr.clone(),
+            client_addr: node.client_addr.clone(),
+            membership: node.membership().name().into(),
+            placement_driver,
+            placement_events: if placement_driver {
+                node.placement_events.snapshot()
+            } else {
+                Vec::new()
+            },
         }))
+    }
+
+    async fn add_node(
+        &self,
+        req: Request<AddNodeRequest>,
+    ) -> Result<Response<AddNodeResponse>, Status> {
+        Ok(Response::new(
+            admin::add_node(&self.node, req.into_inner()).await?,
+        ))
+    }
+
+    async fn remove_node(
+        &self,
+        req: Request<RemoveNodeRequest>,
+    ) -> Result<Response<RemoveNodeResponse>, Status> {
+        Ok(Response::new(
+            admin::remove_node(&self.node, req.into_inner()).await?,
+        ))
     }
 }

@@ -80,7 +80,7 @@ impl KvService {
 
     fn check_key(&self, key: &[u8]) -> Result<GroupId, KvError> {
         self.node.limits.check_key(key)?;
-        Ok(self.node.layout.shard_for_key(key).id)
+        Ok(self.node.member_layout()?.shard_for_key(key).id)
     }
 }
 
@@ -190,11 +190,12 @@ impl Kv for KvService {
 
     async fn scan(&self, req: Request<ScanRequest>) -> Result<Response<ScanResponse>, Status> {
         let req = req.into_inner();
-        if self.node.layout.shard(req.shard_id).is_none() {
+        let layout = self.node.member_layout()?;
+        if layout.shard(req.shard_id).is_none() {
             return Err(KvError::InvalidArgument(format!(
                 "unknown shard {}; this cluster has shards 1..={}",
                 req.shard_id,
-                self.node.layout.shards.len()
+                layout.shards.len()
             ))
             .into());
         }

@@ -1,48 +1,176 @@
 //! The gRPC services and the node state they share.
 //!
 //! - [`kv`]: the client API — routing, validation, the three write outcomes.
-//! - [`cluster`]: the shard map and status.
-//! - [`transport`]: the peer side of the Raft transport.
+//! - [`cluster`]: the shard map, status, and the operator's add/remove node requests.
+//! - [`transport`]: the peer side of the Raft transport, plus the placement driver's peer calls.
 
 pub mod cluster;
 pub mod kv;
 pub mod transport;
 
-use std::sync::Arc;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
 
+use crate::config::RaftTimings;
 use crate::error::KvError;
 use crate::layout::{GroupId, Layout};
 use crate::limits::Limits;
+use crate::membership::placement::EventLog;
+use crate::raft::network::PeerPool;
 use crate::raft::{Group, Groups};
 use crate::storage::Engine;
 
 /// What every service of this node needs.
 pub struct NodeState {
-    /// This node's id.
-    pub id: u64,
-    /// The cluster layout this node routes with.
-    pub layout: Layout,
+    /// This node's id; 0 while a joining node waits to be added.
+    id: AtomicU64,
+    /// The newest layout this node has adopted (see [`crate::membership::reconcile`]).
+    layout: RwLock<Arc<Layout>>,
     /// The groups hosted here.
     pub groups: Groups,
     /// Input limits.
     pub limits: Limits,
     /// The node's storage, for reads of applied state.
     pub engine: Arc<Engine>,
+    /// Connections to the other nodes' peer services.
+    pub pool: PeerPool,
+    /// Raft settings every group starts with.
+    pub raft_timings: RaftTimings,
+    /// Where groups keep their snapshot files.
+    pub snapshot_dir: PathBuf,
+    /// This node's listen addresses, as the layout records them.
+    pub client_addr: String,
+    /// See `client_addr`.
+    pub peer_addr: String,
+    /// Serializes layout adoption (group starts and stops).
+    pub adopting: tokio::sync::Mutex<()>,
+    /// The placement driver's recent decisions (filled while this node leads the meta group).
+    pub placement_events: EventLog,
+}
+
+/// Where a node stands with respect to the cluster.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Membership {
+    /// Started with `--join`; waits for `strata node add`.
+    Joining,
+    /// Part of the cluster.
+    Member,
+    /// Was removed from the cluster; holds no replicas and can be stopped.
+    Removed,
+}
+
+impl Membership {
+    /// The name shown by status.
+    pub fn name(self) -> &'static str {
+        match self {
+            Membership::Joining => "joining",
+            Membership::Member => "member",
+            Membership::Removed => "removed",
+        }
+    }
+}
+
+/// The parts of a [`NodeState`] fixed at start.
+pub struct NodeParts {
+    /// Node id (0 = joining).
+    pub id: u64,
+    /// The layout to start with.
+    pub layout: Layout,
+    /// Input limits.
+    pub limits: Limits,
+    /// Storage.
+    pub engine: Arc<Engine>,
+    /// Peer connections.
+    pub pool: PeerPool,
+    /// Raft settings.
+    pub raft_timings: RaftTimings,
+    /// Snapshot directory.
+    pub snapshot_dir: PathBuf,
+    /// Client listen address.
+    pub client_addr: String,
+    /// Peer listen address.
+    pub peer_addr: String,
 }
 
 impl NodeState {
+    /// A node state with no groups started yet.
+    pub fn new(p: NodeParts) -> NodeState {
+        NodeState {
+            id: AtomicU64::new(p.id),
+            layout: RwLock::new(Arc::new(p.layout)),
+            groups: Groups::default(),
+            limits: p.limits,
+            engine: p.engine,
+            pool: p.pool,
+            raft_timings: p.raft_timings,
+            snapshot_dir: p.snapshot_dir,
+            client_addr: p.client_addr,
+            peer_addr: p.peer_addr,
+            adopting: tokio::sync::Mutex::new(()),
+            placement_events: EventLog::default(),
+        }
+    }
+
+    /// This node's id (0 while joining).
+    pub fn id(&self) -> u64 {
+        self.id.load(Ordering::Acquire)
+    }
+
+    /// Records the id the cluster gave this node.
+    pub(crate) fn set_id(&self, id: u64) {
+        self.id.store(id, Ordering::Release);
+    }
+
+    /// The layout this node routes with.
+    pub fn layout(&self) -> Arc<Layout> {
+        self.layout.read().expect("layout poisoned").clone()
+    }
+
+    /// Replaces the layout (adoption only).
+    pub(crate) fn set_layout(&self, layout: Arc<Layout>) {
+        *self.layout.write().expect("layout poisoned") = layout;
+    }
+
+    /// Where this node stands.
+    pub fn membership(&self) -> Membership {
+        let layout = self.layout();
+        if layout.epoch == 0 {
+            Membership::Joining
+        } else if layout.node(self.id()).is_none() {
+            Membership::Removed
+        } else {
+            Membership::Member
+        }
+    }
+
+    /// The layout, or `Unavailable` when this node has none (still joining).
+    pub fn member_layout(&self) -> Result<Arc<Layout>, KvError> {
+        let layout = self.layout();
+        if layout.shards.is_empty() {
+            return Err(KvError::Unavailable {
+                shard: 0,
+                reason: format!(
+                    "this node is {} and serves no data",
+                    self.membership().name()
+                ),
+            });
+        }
+        Ok(layout)
+    }
+
     /// The hosted group `shard`, or `WrongShard` when this node has no replica of it.
     pub fn group(&self, shard: GroupId) -> Result<Arc<Group>, KvError> {
-        self.groups.get(shard).ok_or(KvError::WrongShard {
+        self.groups.get(shard).ok_or_else(|| KvError::WrongShard {
             shard,
-            epoch: self.layout.epoch,
+            epoch: self.layout().epoch,
         })
     }
 
     /// A `NotLeader` error with the client address of `leader`, when known.
     pub fn not_leader(&self, shard: GroupId, leader: Option<u64>) -> KvError {
-        let leader =
-            leader.and_then(|id| self.layout.node(id).map(|n| (id, n.client_addr.clone())));
+        let layout = self.layout();
+        let leader = leader.and_then(|id| layout.node(id).map(|n| (id, n.client_addr.clone())));
         KvError::NotLeader { shard, leader }
     }
 }

@@ -10,10 +10,16 @@ use std::future::Future;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use strata_proto::v1::raft_server::Raft;
-use strata_proto::v1::{RaftReply, RaftRequest, SnapshotChunk};
+use strata_proto::v1::{
+    AdminReply, LayoutExchange, RaftReply, RaftRequest, SetVotersRequest, SnapshotChunk,
+    TransferLeadershipRequest,
+};
 use tonic::{Request, Response, Status, Streaming};
 
 use super::NodeState;
+use crate::layout::{Layout, NodePhase, NodeSpec};
+use crate::membership::driver::{describe, CATCH_UP, TRANSFER_TIMEOUT};
+use crate::membership::reconcile;
 use crate::raft::codec::{decode, encode};
 use crate::raft::{Group, TypeConfig};
 
@@ -30,7 +36,10 @@ impl TransportService {
 
     fn group(&self, id: u64) -> Result<Arc<Group>, Status> {
         self.node.groups.get(id).ok_or_else(|| {
-            Status::not_found(format!("group {id} is not hosted on node {}", self.node.id))
+            Status::not_found(format!(
+                "group {id} is not hosted on node {}",
+                self.node.id()
+            ))
         })
     }
 }
@@ -122,5 +131,60 @@ impl Raft for TransportService {
             snapshot: data,
         };
         Ok(reply(g.raft().install_full_snapshot(vote, snapshot).await))
+    }
+
+    /// The placement driver's push: adopt the layout if newer, describe this node.
+    async fn exchange_layout(
+        &self,
+        req: Request<LayoutExchange>,
+    ) -> Result<Response<LayoutExchange>, Status> {
+        let req = req.into_inner();
+        if !req.layout.is_empty() {
+            let layout: Layout = serde_json::from_slice(&req.layout)
+                .map_err(|e| Status::invalid_argument(format!("layout does not parse: {e}")))?;
+            reconcile::adopt(&self.node, layout)
+                .await
+                .map_err(|e| Status::internal(format!("adopt layout: {e:#}")))?;
+        }
+        Ok(Response::new(describe(&self.node)))
+    }
+
+    async fn set_voters(
+        &self,
+        req: Request<SetVotersRequest>,
+    ) -> Result<Response<AdminReply>, Status> {
+        let req = req.into_inner();
+        let group = self.group(req.group_id)?;
+        let voters: Vec<NodeSpec> = req
+            .voters
+            .into_iter()
+            .map(|n| NodeSpec {
+                id: n.id,
+                client_addr: n.client_addr,
+                peer_addr: n.peer_addr,
+                phase: NodePhase::Active,
+            })
+            .collect();
+        self.node.pool.set_nodes(&voters);
+        group
+            .set_voters(&voters, CATCH_UP)
+            .await
+            .map_err(Status::failed_precondition)?;
+        Ok(Response::new(AdminReply {}))
+    }
+
+    async fn transfer_leadership(
+        &self,
+        req: Request<TransferLeadershipRequest>,
+    ) -> Result<Response<AdminReply>, Status> {
+        let req = req.into_inner();
+        let group = self.group(req.group_id)?;
+        if !group.hand_over_leadership(req.to, TRANSFER_TIMEOUT).await {
+            return Err(Status::unavailable(format!(
+                "leadership of group {} did not move to node {}",
+                req.group_id, req.to
+            )));
+        }
+        Ok(Response::new(AdminReply {}))
     }
 }

@@ -12,13 +12,13 @@ use std::sync::{Arc, Mutex};
 
 use openraft::storage::IOFlushed;
 use rocksdb::{
-    BlockBasedOptions, Cache, ColumnFamily, ColumnFamilyDescriptor, DBCompressionType, Options,
-    WriteBatch, WriteBufferManager, WriteOptions, DB,
+    BlockBasedOptions, Cache, ColumnFamily, ColumnFamilyDescriptor, DBCompressionType,
+    IteratorMode, Options, ReadOptions, WriteBatch, WriteBufferManager, WriteOptions, DB,
 };
 
 use super::io_err;
-use super::keys::{CF_DATA, CF_LOG, CF_SM, CF_STATE, LAYOUT_KEY};
-use crate::layout::Layout;
+use super::keys::{group_range, CF_DATA, CF_LOG, CF_SM, CF_STATE, LAYOUT_KEY, NODE_ID_KEY};
+use crate::layout::{GroupId, Layout};
 use crate::raft::TypeConfig;
 
 /// Most callbacks completed by one fsync; bounds the latency of the first waiter.
@@ -122,7 +122,49 @@ impl Engine {
         }
     }
 
-    /// The layout stored at bootstrap, if any.
+    /// The id this node was given (stored when a joining node is added), if any.
+    pub fn load_node_id(&self) -> anyhow::Result<Option<u64>> {
+        match self.db.get_cf(self.cf(CF_STATE), NODE_ID_KEY)? {
+            Some(raw) => Ok(Some(u64::from_be_bytes(raw.as_slice().try_into()?))),
+            None => Ok(None),
+        }
+    }
+
+    /// Stores this node's id and the layout that names it, in one synced write.
+    pub fn save_identity(&self, id: u64, layout: &Layout) -> anyhow::Result<()> {
+        let mut b = WriteBatch::default();
+        b.put_cf(self.cf(CF_STATE), NODE_ID_KEY, id.to_be_bytes());
+        b.put_cf(self.cf(CF_STATE), LAYOUT_KEY, serde_json::to_vec(layout)?);
+        self.write(b, true)?;
+        Ok(())
+    }
+
+    /// Whether any state of `group` (log, vote, applied data) is stored here.
+    pub fn holds_group(&self, group: GroupId) -> bool {
+        let (lo, hi) = group_range(group);
+        [CF_LOG, CF_STATE, CF_SM].iter().any(|cf| {
+            let mut opts = ReadOptions::default();
+            opts.set_iterate_upper_bound(hi.to_vec());
+            let mode = IteratorMode::From(&lo, rocksdb::Direction::Forward);
+            self.db
+                .iterator_cf_opt(self.cf(cf), opts, mode)
+                .next()
+                .is_some()
+        })
+    }
+
+    /// Deletes every trace of `group` (log, vote, data, sessions), in one synced write. Only for
+    /// a group whose Raft instance is stopped and that this node no longer replicates.
+    pub fn drop_group(&self, group: GroupId) -> std::io::Result<()> {
+        let (lo, hi) = group_range(group);
+        let mut b = WriteBatch::default();
+        for cf in [CF_LOG, CF_STATE, CF_DATA, CF_SM] {
+            b.delete_range_cf(self.cf(cf), lo, hi);
+        }
+        self.write(b, true)
+    }
+
+    /// The newest layout this node has seen, if any.
     pub fn load_layout(&self) -> anyhow::Result<Option<Layout>> {
         match self.db.get_cf(self.cf(CF_STATE), LAYOUT_KEY)? {
             Some(raw) => Ok(Some(serde_json::from_slice(&raw)?)),

@@ -29,6 +29,9 @@ pub const TAG_FLOOR: u8 = b'f';
 /// The node-wide key of the stored layout in `raft_state` (not group-prefixed: 1 byte).
 pub const LAYOUT_KEY: &[u8] = b"L";
 
+/// The node-wide key of this node's id in `raft_state`, written when a joining node is added.
+pub const NODE_ID_KEY: &[u8] = b"I";
+
 /// `group ‖ index`.
 pub fn log_key(group: GroupId, index: u64) -> [u8; 16] {
     let mut k = [0; 16];

@@ -56,6 +56,14 @@ impl SnapshotFile {
         std::fs::File::open(dir)?.sync_all()
     }
 
+    /// Deletes the snapshot file (the group left this node).
+    pub fn remove(&self) -> std::io::Result<()> {
+        match std::fs::remove_file(&self.path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+
     /// Loads the saved snapshot, if any.
     pub fn load(&self) -> std::io::Result<Option<SnapshotOf<TypeConfig, Vec<u8>>>> {
         let raw = match std::fs::read(&self.path) {

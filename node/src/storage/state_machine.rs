@@ -10,6 +10,7 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -51,6 +52,8 @@ pub struct StateMachine {
     sessions: SessionTable,
     /// Where the group's current snapshot file lives.
     snapshot: SnapshotFile,
+    /// Snapshots installed from a leader since this process started (for status and tests).
+    installs: Arc<AtomicU64>,
 }
 
 /// A record read from the data column family.
@@ -92,7 +95,13 @@ impl StateMachine {
             applied,
             membership,
             sessions,
+            installs: Arc::default(),
         })
+    }
+
+    /// The counter of snapshots installed from a leader, shared with whoever reports status.
+    pub fn installs(&self) -> Arc<AtomicU64> {
+        self.installs.clone()
     }
 
     /// Sessions as currently applied (for tests and snapshots).
@@ -432,7 +441,14 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         snapshot: Vec<u8>,
     ) -> std::io::Result<()> {
         let body: SnapshotBody = decode(&snapshot)?;
+        tracing::info!(
+            group = self.group,
+            keys = body.data.len(),
+            index = meta.last_log_id.map_or(0, |l| l.index()),
+            "installing snapshot"
+        );
         self.replace_state(meta, body)?;
+        self.installs.fetch_add(1, Ordering::Relaxed);
         self.snapshot.save(meta, &snapshot)
     }
 

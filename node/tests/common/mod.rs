@@ -2,6 +2,9 @@
 //! loopback ports in a temporary directory. Processes are killed and the directory removed when
 //! the fixture drops, also when a test panics.
 
+// Each test binary compiles this module and uses only part of it.
+#![allow(dead_code)]
+
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -193,4 +196,127 @@ pub async fn put_all(client: &Client, prefix: &str, n: usize) -> Vec<Acked> {
 /// Logs a test phase, so a failure shows how far the test got.
 pub fn phase(msg: &str) {
     eprintln!("--- {msg}");
+}
+
+impl TestCluster {
+    /// The newest shard map any running node reports.
+    pub async fn newest_map(&self, client: &Client) -> strata_proto::v1::ShardMap {
+        let mut best = client.shard_map().await.expect("shard map");
+        for n in &self.cluster.file().nodes {
+            if n.pid.is_none() {
+                continue;
+            }
+            if let Ok(st) = client.node_status(&n.client_addr).await {
+                if let Some(m) = st.map.filter(|m| m.epoch > best.epoch) {
+                    best = m;
+                }
+            }
+        }
+        best
+    }
+
+    /// Polls the newest map until `done` holds (no move under way as well), or panics after
+    /// `timeout` showing the last map.
+    pub async fn wait_for_map(
+        &self,
+        client: &Client,
+        timeout: Duration,
+        what: &str,
+        done: impl Fn(&strata_proto::v1::ShardMap) -> bool,
+    ) -> strata_proto::v1::ShardMap {
+        let until = Instant::now() + timeout;
+        loop {
+            let map = self.newest_map(client).await;
+            let moving = map.meta_moving_to != 0 || map.shards.iter().any(|s| s.moving_to != 0);
+            if !moving && done(&map) {
+                return map;
+            }
+            assert!(Instant::now() < until, "{what}: not reached; map {map:#?}");
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+}
+
+/// Writers that put fresh keys until stopped, recording what was acknowledged and any error the
+/// client surfaced.
+pub struct Writers {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    tasks: Vec<tokio::task::JoinHandle<(Vec<Acked>, Vec<String>)>>,
+}
+
+impl Writers {
+    /// Starts `n` writers on `client`, keys `{prefix}{writer}:{i}`.
+    pub fn start(client: &Client, prefix: &str, n: usize) -> Writers {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let tasks = (0..n)
+            .map(|w| {
+                let (client, stop) = (client.clone(), stop.clone());
+                let prefix = format!("{prefix}{w}");
+                tokio::spawn(async move {
+                    let (mut acked, mut errors) = (Vec::new(), Vec::new());
+                    let mut i = 0;
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        let (k, v) = (format!("{prefix}:{i}"), format!("v{i}"));
+                        match client.put(k.clone(), v.clone()).await {
+                            Ok(version) => acked.push((k, version, v)),
+                            Err(e) => errors.push(format!("{k}: {e}")),
+                        }
+                        i += 1;
+                    }
+                    (acked, errors)
+                })
+            })
+            .collect();
+        Writers { stop, tasks }
+    }
+
+    /// Stops the writers; returns every acknowledged write and every surfaced error.
+    pub async fn stop(self) -> (Vec<Acked>, Vec<String>) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let (mut acked, mut errors) = (Vec::new(), Vec::new());
+        for t in self.tasks {
+            let (a, e) = t.await.expect("writer task");
+            acked.extend(a);
+            errors.extend(e);
+        }
+        (acked, errors)
+    }
+}
+
+/// Reads every acknowledged write back linearizably and checks its value and version.
+pub async fn assert_all_readable(client: &Client, acked: &[Acked]) {
+    for (k, version, v) in acked {
+        let r = client
+            .get(k.clone())
+            .await
+            .unwrap_or_else(|e| panic!("read {k}: {e}"))
+            .unwrap_or_else(|| panic!("acknowledged write {k} lost"));
+        assert_eq!(
+            (r.version, r.value.as_ref()),
+            (*version, v.as_bytes()),
+            "{k}"
+        );
+    }
+}
+
+impl TestCluster {
+    /// Starts one more, empty node with `--join` and waits until it answers as joining.
+    pub async fn start_joining_node(
+        &mut self,
+        client: &Client,
+    ) -> strata_cluster::launcher::NodeEntry {
+        let entry = self
+            .cluster
+            .start_joining_node()
+            .expect("start joining node");
+        let until = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(st) = client.node_status(&entry.client_addr).await {
+                assert_eq!(st.membership, "joining");
+                return entry;
+            }
+            assert!(Instant::now() < until, "node {} never answered", entry.id);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
 }

@@ -1,0 +1,98 @@
+//! Membership requests (`strata node add/remove`). They are served by the meta group's leader;
+//! the client finds it by asking the meta replicas and following `NotLeader` hints, within the
+//! client's deadline.
+
+use std::future::Future;
+use std::time::Duration;
+
+use strata_proto::v1::cluster_client::ClusterClient;
+use strata_proto::v1::{AddNodeRequest, RemoveNodeRequest};
+use tokio::time::Instant;
+use tonic::transport::Channel;
+
+use crate::error::{classify, Error, Verdict};
+use crate::Client;
+
+/// Pause before another round over the meta replicas.
+const ROUND_PAUSE: Duration = Duration::from_millis(200);
+
+impl Client {
+    /// Adds the node listening on `client_addr` / `peer_addr`, which was started empty with
+    /// `--join`. `id` asks for a specific id (`None`: the next free one). Returns the node's id
+    /// and the shard-map epoch that contains it; replicas move to it in the background.
+    pub async fn add_node(
+        &self,
+        client_addr: &str,
+        peer_addr: &str,
+        id: Option<u64>,
+    ) -> Result<(u64, u64), Error> {
+        let req = AddNodeRequest {
+            id: id.unwrap_or(0),
+            client_addr: client_addr.into(),
+            peer_addr: peer_addr.into(),
+        };
+        let r = self
+            .meta_call(|mut c| {
+                let req = req.clone();
+                async move { c.add_node(req).await }
+            })
+            .await?;
+        let _ = self.refresh_map().await;
+        Ok((r.id, r.epoch))
+    }
+
+    /// Starts draining node `id`: its replicas and leaderships move away, then it leaves the
+    /// cluster. `force` allows it for a node that no longer answers. Returns the epoch that
+    /// marks it as draining.
+    pub async fn remove_node(&self, id: u64, force: bool) -> Result<u64, Error> {
+        let r = self
+            .meta_call(|mut c| async move { c.remove_node(RemoveNodeRequest { id, force }).await })
+            .await?;
+        Ok(r.epoch)
+    }
+
+    /// Runs `call` at the meta leader.
+    async fn meta_call<T, F, Fut>(&self, mut call: F) -> Result<T, Error>
+    where
+        F: FnMut(ClusterClient<Channel>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let deadline = Instant::now() + self.config().deadline;
+        let mut last = String::from("no meta replica known");
+        loop {
+            let table = self.refresh_map().await?;
+            let mut queue: Vec<String> = table
+                .meta_replicas
+                .iter()
+                .filter_map(|id| table.nodes.get(id).cloned())
+                .collect();
+            let mut tried = 0;
+            while let Some(addr) = queue.pop() {
+                tried += 1;
+                let c = ClusterClient::new(self.channel(&addr)?);
+                let attempt = tokio::time::timeout(self.config().attempt_timeout, call(c));
+                let status = match attempt.await {
+                    Ok(Ok(r)) => return Ok(r.into_inner()),
+                    Ok(Err(s)) => s,
+                    Err(_) => tonic::Status::deadline_exceeded("attempt timed out"),
+                };
+                last = format!("{addr}: {}", status.message());
+                match classify(&status, false) {
+                    Verdict::Fail(e) => return Err(e),
+                    Verdict::NotLeader(Some(leader)) if tried < 8 => {
+                        if let Some(a) = table.nodes.get(&leader) {
+                            queue.push(a.clone());
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            if Instant::now() >= deadline {
+                return Err(Error::Unavailable(format!(
+                    "no meta-group leader answered before the deadline; last error: {last}"
+                )));
+            }
+            tokio::time::sleep(ROUND_PAUSE).await;
+        }
+    }
+}

@@ -1,0 +1,255 @@
+//! Membership changes on real `strata-node` processes: adding a node and removing one while
+//! clients write, replacing a dead node, and operator mistakes that must change nothing.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{assert_all_readable, phase, Acked, TestCluster, Writers};
+use strata_client::Error;
+
+/// How long the placement driver gets to finish a rebalance on this 2-core machine.
+const REBALANCE: Duration = Duration::from_secs(90);
+
+fn replicas_on(map: &strata_proto::v1::ShardMap, id: u64) -> usize {
+    map.shards
+        .iter()
+        .filter(|s| s.replicas.contains(&id))
+        .count()
+}
+
+/// Every shard of `map` has `r` replicas, none on `gone`.
+fn fully_replicated_without(map: &strata_proto::v1::ShardMap, r: usize, gone: u64) -> bool {
+    map.shards
+        .iter()
+        .all(|s| s.replicas.len() == r && !s.replicas.contains(&gone))
+        && !map.meta_replicas.contains(&gone)
+        && !map.nodes.iter().any(|n| n.id == gone)
+}
+
+/// The replicas of each group agree with the layout: every voter set that a replica reports
+/// equals the layout's replica list.
+async fn assert_raft_membership_matches(
+    tc: &TestCluster,
+    client: &strata_client::Client,
+    map: &strata_proto::v1::ShardMap,
+) {
+    for n in &map.nodes {
+        let st = client.node_status(&n.client_addr).await.expect("status");
+        for g in &st.groups {
+            let mut want = if g.group_id == 0 {
+                map.meta_replicas.clone()
+            } else {
+                map.shards
+                    .iter()
+                    .find(|s| s.id == g.group_id)
+                    .unwrap()
+                    .replicas
+                    .clone()
+            };
+            let mut voters = g.voters.clone();
+            want.sort_unstable();
+            voters.sort_unstable();
+            assert_eq!(voters, want, "group {} on node {}", g.group_id, n.id);
+        }
+    }
+    let _ = tc;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn adding_a_node_under_write_load_spreads_replicas_to_it() {
+    let mut tc = TestCluster::start(3, 8).await;
+    let client = tc.client().await;
+    let writers = Writers::start(&client, "add", 4);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    phase("start an empty node with --join and add it");
+    let entry = tc.start_joining_node(&client).await;
+    let (id, _) = client
+        .add_node(&entry.client_addr, &entry.peer_addr, None)
+        .await
+        .expect("add node");
+    assert_eq!(id, entry.id);
+
+    phase("replicas spread evenly onto it while the writers keep going");
+    let map = tc
+        .wait_for_map(&client, REBALANCE, "6 replicas per node", |m| {
+            (1..=4).all(|n| replicas_on(m, n) == 6)
+        })
+        .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (acked, errors) = writers.stop().await;
+    assert!(
+        errors.is_empty(),
+        "errors surfaced to the client: {errors:?}"
+    );
+    assert!(acked.len() > 50, "writers made progress: {}", acked.len());
+
+    phase("every acknowledged write is readable; the new node serves its replicas");
+    assert_all_readable(&client, &acked).await;
+    tc.wait_caught_up(&client, id, Duration::from_secs(30))
+        .await;
+    let on_new = tc.assert_replica_has(&client, id, &acked).await;
+    assert!(on_new > 0, "the new node holds data");
+    assert_raft_membership_matches(&tc, &client, &map).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removing_a_node_under_write_load_drains_it_first() {
+    let mut tc = TestCluster::start(4, 8).await;
+    let client = tc.client().await;
+    let writers = Writers::start(&client, "rm", 4);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    // Node 1 is a meta replica, so its meta-group replica moves too.
+    phase("remove node 1 while clients write");
+    client.remove_node(1, false).await.expect("remove node 1");
+    let map = tc
+        .wait_for_map(&client, REBALANCE, "node 1 drained and removed", |m| {
+            fully_replicated_without(m, 3, 1)
+        })
+        .await;
+
+    phase("stop the removed node: every shard stays available");
+    let st = client.node_status(&tc.client_addr(1)).await.unwrap();
+    assert_eq!(st.membership, "removed");
+    assert!(
+        st.groups.is_empty(),
+        "removed node hosts nothing: {:?}",
+        st.groups
+    );
+    tc.cluster.kill_node(1).expect("kill node 1");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (mut acked, errors) = writers.stop().await;
+    assert!(
+        errors.is_empty(),
+        "errors surfaced to the client: {errors:?}"
+    );
+    acked.extend(common::put_all(&client, "after", 64).await);
+    assert_all_readable(&client, &acked).await;
+    assert_raft_membership_matches(&tc, &client, &map).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_node_is_force_removed_and_its_shards_regain_replicas() {
+    let mut tc = TestCluster::start(4, 8).await;
+    let client = tc.client().await;
+    let before: Vec<Acked> = common::put_all(&client, "dead", 80).await;
+
+    phase("node 2 dies for good");
+    tc.cluster.kill_node(2).expect("kill node 2");
+    let err = client.remove_node(2, false).await.unwrap_err();
+    assert!(
+        matches!(&err, Error::Rejected(m) if m.contains("--force")),
+        "{err}"
+    );
+
+    phase("--force: its replicas are rebuilt on the live nodes");
+    client.remove_node(2, true).await.expect("force remove");
+    let map = tc
+        .wait_for_map(&client, REBALANCE, "every shard back to 3 replicas", |m| {
+            fully_replicated_without(m, 3, 2)
+        })
+        .await;
+    assert_all_readable(&client, &before).await;
+    assert_raft_membership_matches(&tc, &client, &map).await;
+    let after = common::put_all(&client, "dead-after", 32).await;
+    assert_all_readable(&client, &after).await;
+
+    phase("a new node takes a new id, never the dead node's");
+    let entry = tc.start_joining_node(&client).await;
+    let (id, _) = client
+        .add_node(&entry.client_addr, &entry.peer_addr, None)
+        .await
+        .expect("add node 5");
+    assert_eq!(id, 5);
+
+    phase("a node started without --id may not ask for a used id; it gets the next one");
+    let ports = strata_cluster::launcher::free_ports("127.0.0.1", 2).unwrap();
+    let (c, p) = (
+        format!("127.0.0.1:{}", ports[0]),
+        format!("127.0.0.1:{}", ports[1]),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let _node = KillOnDrop(
+        std::process::Command::new(env!("CARGO_BIN_EXE_strata-node"))
+            .args([
+                "--join",
+                "--client-addr",
+                &c,
+                "--peer-addr",
+                &p,
+                "--data-dir",
+            ])
+            .arg(dir.path())
+            .args(common::FAST_RAFT)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn strata-node"),
+    );
+    while client.node_status(&c).await.is_err() {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let err = client.add_node(&c, &p, Some(2)).await.unwrap_err();
+    assert!(err.to_string().contains("never reused"), "{err}");
+    let (id, _) = client.add_node(&c, &p, None).await.expect("add node");
+    assert_eq!(id, 6);
+}
+
+/// A child process killed when the test ends, also on panic.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_membership_requests_are_refused_and_change_nothing() {
+    let mut tc = TestCluster::start(3, 4).await;
+    let client = tc.client().await;
+    let epoch = tc.newest_map(&client).await.epoch;
+    let refused = |r: Result<u64, Error>, needle: &str| match r {
+        Err(Error::Rejected(m)) if m.contains(needle) => {}
+        other => panic!("expected a refusal mentioning {needle:?}, got {other:?}"),
+    };
+
+    phase("unknown id, below the replication factor");
+    refused(client.remove_node(42, false).await, "no node 42");
+    refused(client.remove_node(3, false).await, "replication factor");
+    refused(client.remove_node(3, true).await, "replication factor");
+
+    phase("an address nobody answers on");
+    let r = client.add_node("127.0.0.1:1", "127.0.0.1:2", None).await;
+    refused(r.map(|(id, _)| id), "no strata-node answers");
+
+    phase("a member's addresses, and a node added twice");
+    let n1 = &tc.cluster.file().nodes[0].clone();
+    let r = client.add_node(&n1.client_addr, &n1.peer_addr, None).await;
+    refused(r.map(|(id, _)| id), "already uses");
+    assert_eq!(tc.newest_map(&client).await.epoch, epoch, "nothing changed");
+
+    let entry = tc.start_joining_node(&client).await;
+    let r = client
+        .add_node(&entry.client_addr, "127.0.0.1:3", None)
+        .await;
+    assert!(
+        r.is_err(),
+        "a peer address that is not the node's own is refused: {r:?}"
+    );
+    client
+        .add_node(&entry.client_addr, &entry.peer_addr, None)
+        .await
+        .expect("add once");
+    let r = client
+        .add_node(&entry.client_addr, &entry.peer_addr, None)
+        .await;
+    refused(r.map(|(id, _)| id), "already uses");
+
+    phase("the cluster still serves");
+    let acked = common::put_all(&client, "still", 16).await;
+    assert_all_readable(&client, &acked).await;
+}
