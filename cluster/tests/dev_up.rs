@@ -199,3 +199,85 @@ fn dev_up_serves_the_cli_survives_a_kill_and_restarts_with_its_data() {
     assert!(got.contains("still-serving"), "{got}");
     dev.ctrl_c();
 }
+
+#[test]
+fn dev_cluster_grows_and_shrinks_from_the_cli() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("strata-data");
+    let base = free_base();
+    let dev = DevUp::start(&dir, base);
+    for i in 0..20 {
+        ok(strata(&dir, &["put", &format!("k{i}"), &format!("v{i}")]));
+    }
+
+    eprintln!("--- dev add-node starts an empty node; node add --wait spreads replicas to it");
+    let out = Command::new(STRATA)
+        .args(["dev", "add-node", "--data-dir"])
+        .arg(&dir)
+        .env("STRATA_NODE_BIN", node_bin())
+        .output()
+        .unwrap();
+    let text = ok(out);
+    let addr = text
+        .split("--addr ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no address in {text}"))
+        .to_string();
+    let mut answered = false;
+    for _ in 0..100 {
+        if std::net::TcpStream::connect(&addr).is_ok() {
+            answered = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(answered, "the new node never listened on {addr}");
+    let added = ok(strata(
+        &dir,
+        &["node", "add", "--addr", &addr, "--wait", "-o", "json"],
+    ));
+    let added: serde_json::Value = serde_json::from_str(&added).unwrap();
+    assert_eq!(added["node"], 4);
+    assert_eq!(added["done"], true);
+    let status = ok(strata(&dir, &["status", "-o", "json"]));
+    let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+    let node4 = status["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["id"] == 4)
+        .expect("node 4 in status");
+    assert_eq!(node4["replicas"], 6, "{status:#}");
+
+    eprintln!("--- node remove --wait drains node 1 and removes it");
+    ok(strata(&dir, &["node", "remove", "--id", "1", "--wait"]));
+    let status = ok(strata(&dir, &["status", "-o", "json"]));
+    let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+    assert!(
+        status["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|n| n["id"] != 1),
+        "{status:#}"
+    );
+    let bad = strata(&dir, &["node", "remove", "--id", "1"]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("not in the cluster"));
+    for i in 0..20 {
+        let v = ok(strata(&dir, &["get", &format!("k{i}")]));
+        assert!(v.contains(&format!("v{i}")), "{v}");
+    }
+
+    eprintln!("--- Ctrl-C stops every node, the added one too; dev up brings them all back");
+    dev.ctrl_c();
+    assert!(
+        std::net::TcpStream::connect(&addr).is_err(),
+        "node 4 still listening"
+    );
+    let dev = DevUp::start(&dir, base);
+    let v = ok(strata(&dir, &["get", "k7"]));
+    assert!(v.contains("v7"), "{v}");
+    dev.ctrl_c();
+}

@@ -416,6 +416,10 @@ async fn follower_behind_a_compacted_log_catches_up_by_snapshot() {
     let addr = tc.client_addr(follower);
     let status = client.node_status(&addr).await.unwrap();
     let g1 = status.groups.iter().find(|g| g.group_id == 1).unwrap();
+    assert!(
+        g1.snapshots_installed > 0,
+        "the follower installed a snapshot from the leader (not log replay): {g1:?}"
+    );
     assert!(g1.snapshot_index > 0, "follower holds a snapshot: {g1:?}");
     assert_eq!(
         tc.assert_replica_has(&client, follower, &acked).await,
