@@ -21,6 +21,9 @@ use super::keys::{group_range, CF_DATA, CF_LOG, CF_SM, CF_STATE, LAYOUT_KEY, NOD
 use crate::layout::{GroupId, Layout};
 use crate::raft::TypeConfig;
 
+/// WAL size that forces a flush of the column families pinning the oldest WAL file.
+const MAX_TOTAL_WAL_BYTES: u64 = 64 << 20;
+
 /// Most callbacks completed by one fsync; bounds the latency of the first waiter.
 const MAX_SYNC_BATCH: usize = 4096;
 
@@ -57,6 +60,10 @@ impl Engine {
         db_opts.set_write_buffer_manager(&wbm);
         db_opts.set_max_background_jobs(2);
         db_opts.set_keep_log_file_num(4);
+        // A WAL file is deleted only once every column family has flushed what it holds, and the
+        // rarely written ones (vote, applied ids) would otherwise pin every WAL file forever:
+        // past this total, RocksDB flushes the column families that hold the oldest WAL.
+        db_opts.set_max_total_wal_size(MAX_TOTAL_WAL_BYTES);
 
         let cf = |name: &str, compress: bool, buffer: usize| {
             let mut o = Options::default();
