@@ -2,7 +2,8 @@
 # Strata's developer entry point.
 #
 #   ./dev.sh up [--nodes 3] [--shards 8] [--data-dir ./strata-data]   start a local cluster (Ctrl-C stops it)
-#   ./dev.sh test                                                     run every test
+#   ./dev.sh test                                                     run every test, then the chaos suite's CI matrix
+#   ./dev.sh chaos ARGS...                                            run strata-jepsen (run, check, ci)
 #   ./dev.sh strata ARGS...                                           run the strata CLI (status, put, get, bench, ...)
 #   ./dev.sh deps                                                     only install the system packages the build needs
 #
@@ -16,7 +17,6 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/strata-target}"
 apt_install() {
   local sudo=""
   if [ "$(id -u)" != 0 ]; then sudo="sudo"; fi
-  echo "dev.sh: installing $* with apt-get (needed to build RocksDB)" >&2
   $sudo apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "$@" >&2
 }
@@ -25,12 +25,23 @@ ensure_build_deps() {
   local missing=()
   if ! dpkg -s libclang-dev >/dev/null 2>&1; then missing+=(libclang-dev); fi
   if ! command -v c++ >/dev/null 2>&1; then missing+=(g++); fi
-  if [ ${#missing[@]} -gt 0 ]; then apt_install "${missing[@]}"; fi
+  if [ ${#missing[@]} -gt 0 ]; then
+    echo "dev.sh: installing ${missing[*]} with apt-get (needed to build RocksDB)" >&2
+    apt_install "${missing[@]}"
+  fi
 }
 
 build() {
   ensure_build_deps
   cargo build --release --locked -p strata-node -p strata-cluster
+}
+
+# The node with the test-only planted bugs, as a separate binary (strata-node-planted), for the
+# chaos suite's must-fail scenarios. Only strata-node is rebuilt for it, not RocksDB.
+build_planted() {
+  cargo build --release --locked -p strata-node --features planted-bugs 2>&1 | tail -1
+  cp "$CARGO_TARGET_DIR/release/strata-node" "$CARGO_TARGET_DIR/release/strata-node-planted"
+  cargo build --release --locked -p strata-node 2>&1 | tail -1
 }
 
 cmd="${1:-help}"
@@ -42,15 +53,36 @@ case "$cmd" in
     ;;
   test)
     ensure_build_deps
+    # The chaos suite's partition scenarios cut links with iptables inside a private network
+    # namespace (never the host's rules).
+    if ! command -v iptables >/dev/null 2>&1; then
+      echo "dev.sh: installing iptables with apt-get (for the chaos suite's partition scenarios)" >&2
+      apt_install iptables
+    fi
+    build_planted
     log=$(mktemp)
     set +e
     cargo test --release --locked --workspace "$@" 2>&1 | tee "$log"
     status=${PIPESTATUS[0]}
+    # The chaos suite's short matrix on real clusters (about 4 minutes), planted bugs included.
+    cargo build --release --locked -p strata-node -p strata-jepsen 2>&1 | tail -1
+    chaos_out=$(mktemp -d)
+    "$CARGO_TARGET_DIR/release/strata-jepsen" ci --out "$chaos_out" \
+      --planted-bin "$CARGO_TARGET_DIR/release/strata-node-planted" 2>&1 | tee -a "$log"
+    chaos=${PIPESTATUS[0]}
     set -e
-    # One closing line over every test binary.
-    awk '/^test result:/ {p += $4; f += $6} END {printf "tests: %d passed, %d failed\n", p, f}' "$log"
+    rm -rf "$chaos_out"
+    # One closing line over every test binary and chaos scenario.
+    awk '/^test result:/ {p += $4; f += $6}
+         /^[0-9]+ passed, [0-9]+ failed$/ {p += $1; f += $3}
+         END {printf "tests: %d passed, %d failed\n", p, f}' "$log"
     rm -f "$log"
-    exit "$status"
+    [ "$status" = 0 ] && [ "$chaos" = 0 ]
+    ;;
+  chaos)
+    build_planted
+    cargo build --release --locked -p strata-node -p strata-jepsen
+    exec "$CARGO_TARGET_DIR/release/strata-jepsen" "$@"
     ;;
   strata)
     if [ ! -x "$CARGO_TARGET_DIR/release/strata" ]; then build; fi
@@ -63,7 +95,7 @@ case "$cmd" in
     ensure_build_deps
     ;;
   *)
-    sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'
     [ "$cmd" = help ] || exit 2
     ;;
 esac

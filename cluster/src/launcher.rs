@@ -46,6 +46,9 @@ pub struct ClusterFile {
     pub shards: u32,
     /// Every node.
     pub nodes: Vec<NodeEntry>,
+    /// Each node has its own loopback address ([`node_ip`]).
+    #[serde(default)]
+    pub ip_per_node: bool,
 }
 
 impl ClusterFile {
@@ -98,6 +101,14 @@ pub struct ClusterSpec {
     pub base_port: Option<u16>,
     /// IP every node binds to.
     pub ip: String,
+    /// Give node *i* its own loopback address `127.0.0.(10+i)` instead of `ip` (inside a private
+    /// network namespace, so a partition is a firewall rule between two addresses).
+    pub ip_per_node: bool,
+}
+
+/// The loopback address of node `id` in a cluster with one address per node.
+pub fn node_ip(id: u64) -> String {
+    format!("127.0.0.{}", 10 + id)
 }
 
 /// A running (or stopped) local cluster.
@@ -126,10 +137,24 @@ impl LocalCluster {
                 if spec.nodes == 0 {
                     bail!("a cluster needs at least one node");
                 }
+                let ips: Vec<String> = (1..=spec.nodes as u64)
+                    .map(|id| {
+                        if spec.ip_per_node {
+                            node_ip(id)
+                        } else {
+                            spec.ip.clone()
+                        }
+                    })
+                    .collect();
                 let ports = match spec.base_port {
                     Some(base) => (1..=spec.nodes as u16)
                         .map(|i| (base + i, base + 100 + i))
                         .collect::<Vec<_>>(),
+                    // Each address has its own port space; one shared address needs distinct ports.
+                    None if spec.ip_per_node => ips
+                        .iter()
+                        .map(|ip| free_ports(ip, 2).map(|p| (p[0], p[1])))
+                        .collect::<anyhow::Result<_>>()?,
                     None => free_ports(&spec.ip, spec.nodes * 2)?
                         .chunks(2)
                         .map(|p| (p[0], p[1]))
@@ -139,16 +164,18 @@ impl LocalCluster {
                     shards: spec.shards,
                     nodes: ports
                         .iter()
+                        .zip(&ips)
                         .enumerate()
-                        .map(|(i, (c, p))| NodeEntry {
+                        .map(|(i, ((c, p), ip))| NodeEntry {
                             id: i as u64 + 1,
-                            client_addr: format!("{}:{c}", spec.ip),
-                            peer_addr: format!("{}:{p}", spec.ip),
+                            client_addr: format!("{ip}:{c}"),
+                            peer_addr: format!("{ip}:{p}"),
                             data_dir: dir.join(format!("node-{}", i + 1)),
                             pid: None,
                             joined: false,
                         })
                         .collect(),
+                    ip_per_node: spec.ip_per_node,
                 };
                 file.save(&dir)?;
                 file
@@ -278,12 +305,15 @@ impl LocalCluster {
             self.file = current;
         }
         let id = self.file.nodes.iter().map(|n| n.id).max().unwrap_or(0) + 1;
-        let ip = self
-            .file
-            .nodes
-            .first()
-            .and_then(|n| n.client_addr.rsplit_once(':'))
-            .map_or("127.0.0.1".to_string(), |(ip, _)| ip.to_string());
+        let ip = if self.file.ip_per_node {
+            node_ip(id)
+        } else {
+            self.file
+                .nodes
+                .first()
+                .and_then(|n| n.client_addr.rsplit_once(':'))
+                .map_or("127.0.0.1".to_string(), |(ip, _)| ip.to_string())
+        };
         let ports = free_ports(&ip, 2)?;
         let entry = NodeEntry {
             id,

@@ -1,19 +1,26 @@
-//! `strata-jepsen`: the Jepsen-style chaos suite (real processes, nemeses, a linearizability
-//! checker). **Not built yet** — this crate is a placeholder so the workspace has its final shape;
-//! see `docs/architecture.md` ("What is not built yet").
+//! `strata-jepsen`: a Jepsen-style chaos suite for Strata on real `strata-node` processes.
 //!
-//! It will drive clusters through [`strata_cluster::launcher`] and talk to them with
-//! [`strata_client`].
+//! Module map, in the order a run uses them:
+//!
+//! - [`control`]: start the cluster, SIGKILL / restart / SIGSTOP / SIGCONT nodes, leaders.
+//! - [`net`]: the private network namespace and iptables partitions.
+//! - [`history`]: the JSON-lines history (`invoke` / `ok` / `fail` / `info` / nemesis events).
+//! - [`workload`]: register (read / write / CAS) and set (unique adds) workers.
+//! - [`nemesis`]: seeded fault schedules — kill, pause, membership, leader bounce, mixed, and
+//!   request duplication.
+//! - [`checker`]: per-key linearizability (Wing & Gong with memoization) and the set check.
+//! - [`runner`]: one scenario end to end: traffic + faults, heal, liveness, convergence, check.
+//! - [`report`]: the readable report of a run.
+//! - [`suite`]: the CI matrix, including the planted-bug scenarios that must fail.
 
 #![warn(missing_docs)]
 
-/// Always fails: the chaos suite does not exist yet. Callers get a clear error instead of a
-/// silent pass.
-pub fn run() -> Result<(), &'static str> {
-    Err("strata-jepsen is not built yet: no nemesis, workload or checker exists")
-}
-
-#[doc(hidden)]
-pub use strata_client as _client;
-#[doc(hidden)]
-pub use strata_cluster as _cluster;
+pub mod checker;
+pub mod control;
+pub mod history;
+pub mod nemesis;
+pub mod net;
+pub mod report;
+pub mod runner;
+pub mod suite;
+pub mod workload;

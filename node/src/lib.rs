@@ -17,6 +17,8 @@
 //! - [`service`]: the gRPC services — `Kv` (client API), `Cluster` (map, status, add/remove
 //!   node), `Raft` (peers, plus the placement driver's calls).
 //! - [`server`]: wires everything together, serves until shutdown, then stops cleanly.
+//! - [`planted`]: known bugs for the chaos suite to catch; compiled in only with the
+//!   `planted-bugs` feature.
 
 #![warn(missing_docs)]
 
@@ -25,6 +27,7 @@ pub mod error;
 pub mod layout;
 pub mod limits;
 pub mod membership;
+pub mod planted;
 pub mod raft;
 pub mod server;
 pub mod service;

@@ -80,6 +80,7 @@ fn existing_cluster(dir: &std::path::Path) -> anyhow::Result<LocalCluster> {
         shards: 0,
         base_port: None,
         ip: "127.0.0.1".into(),
+        ip_per_node: false,
     };
     LocalCluster::open_or_create(dir, &find_node_binary()?, &spec)
 }
@@ -118,6 +119,7 @@ async fn up(a: &UpArgs) -> anyhow::Result<()> {
         shards: a.shards,
         base_port: Some(a.base_port),
         ip: "127.0.0.1".into(),
+        ip_per_node: false,
     };
     let bin = find_node_binary()?;
     let mut cluster = LocalCluster::open_or_create(&a.data_dir, &bin, &spec)?;

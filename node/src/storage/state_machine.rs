@@ -143,8 +143,10 @@ impl StateMachine {
         batch: &mut WriteBatch,
         overlay: &mut Overlay,
     ) -> std::io::Result<Outcome> {
-        if let Some(answer) = self.sessions.precheck(&self.engine, cmd, batch) {
-            return Ok(answer);
+        if !crate::planted::active(crate::planted::Bug::SkipDedup) {
+            if let Some(answer) = self.sessions.precheck(&self.engine, cmd, batch) {
+                return Ok(answer);
+            }
         }
         let outcome = execute(&self.engine, self.group, index, &cmd.op, batch, overlay)?;
         self.sessions

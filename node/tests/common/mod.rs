@@ -50,6 +50,7 @@ impl TestCluster {
             shards,
             base_port: None,
             ip: "127.0.0.1".into(),
+            ip_per_node: false,
         };
         let mut cluster = LocalCluster::open_or_create(
             dir.path(),

@@ -1,0 +1,204 @@
+//! Cluster control on real `strata-node` processes, through [`strata_cluster::launcher`]: start,
+//! SIGKILL, restart with the same data directory, SIGSTOP / SIGCONT, leaders per shard, membership
+//! changes. Dropping a [`Cluster`] resumes paused nodes and kills every process it started (the
+//! launcher kills its children on drop), also when the run panics; its temporary directory goes
+//! with it unless the caller keeps it.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context;
+use nix::sys::signal::Signal;
+use strata_client::{Client, ClientBuilder};
+use strata_cluster::launcher::{ClusterSpec, LocalCluster};
+
+/// Raft timings for chaos runs: elections within ~1 s so faults resolve inside short runs.
+pub const FAST_RAFT: [&str; 8] = [
+    "--heartbeat-ms",
+    "50",
+    "--election-timeout-min-ms",
+    "500",
+    "--election-timeout-max-ms",
+    "1000",
+    "--snapshot-logs",
+    "500",
+];
+
+/// A running chaos cluster.
+pub struct Cluster {
+    /// The launched processes.
+    pub nodes: LocalCluster,
+    /// Nodes currently SIGSTOPped.
+    paused: BTreeSet<u64>,
+    /// Nodes currently SIGKILLed (to be restarted).
+    killed: BTreeSet<u64>,
+    /// Partition rules are in place.
+    partitioned: bool,
+}
+
+impl Cluster {
+    /// Starts `nodes` nodes with `shards` shards under `dir`, from `node_bin`, and waits until
+    /// every group has a leader.
+    pub async fn start(
+        dir: &Path,
+        node_bin: &Path,
+        nodes: usize,
+        shards: u32,
+        extra_args: &[String],
+    ) -> anyhow::Result<Cluster> {
+        let spec = ClusterSpec {
+            nodes,
+            shards,
+            base_port: None,
+            ip: "127.0.0.1".into(),
+            // Inside the harness' network namespace every node gets its own address, so
+            // partitions can cut links between nodes.
+            ip_per_node: crate::net::in_private_netns(),
+        };
+        let mut launched = LocalCluster::open_or_create(dir, node_bin, &spec)?.with_node_args(
+            FAST_RAFT
+                .iter()
+                .map(|s| s.to_string())
+                .chain(extra_args.iter().cloned()),
+        );
+        launched.start_all()?;
+        launched
+            .wait_ready(Duration::from_secs(60))
+            .await
+            .context("cluster did not become ready")?;
+        Ok(Cluster {
+            nodes: launched,
+            paused: BTreeSet::new(),
+            killed: BTreeSet::new(),
+            partitioned: false,
+        })
+    }
+
+    /// A client over every node, with a deadline suited to operations under faults.
+    pub async fn client(&self, deadline: Duration) -> anyhow::Result<Client> {
+        Ok(ClientBuilder::new(self.nodes.endpoints())
+            .deadline(deadline)
+            .attempt_timeout(Duration::from_millis(500).min(deadline))
+            .connect()
+            .await?)
+    }
+
+    /// Ids of the nodes in the cluster file (members or not).
+    pub fn ids(&self) -> Vec<u64> {
+        self.nodes.file().nodes.iter().map(|n| n.id).collect()
+    }
+
+    /// Client address of node `id`.
+    pub fn addr(&self, id: u64) -> Option<String> {
+        self.nodes
+            .file()
+            .nodes
+            .iter()
+            .find(|n| n.id == id)
+            .map(|n| n.client_addr.clone())
+    }
+
+    /// Nodes neither killed nor paused.
+    pub fn healthy(&self) -> Vec<u64> {
+        self.ids()
+            .into_iter()
+            .filter(|id| !self.paused.contains(id) && !self.killed.contains(id))
+            .collect()
+    }
+
+    /// SIGKILLs node `id`.
+    pub fn kill(&mut self, id: u64) -> anyhow::Result<()> {
+        if self.paused.remove(&id) {
+            let _ = self.nodes.signal(id, Signal::SIGCONT);
+        }
+        self.nodes.kill_node(id)?;
+        self.killed.insert(id);
+        Ok(())
+    }
+
+    /// SIGSTOPs node `id`.
+    pub fn pause(&mut self, id: u64) -> anyhow::Result<()> {
+        self.nodes.signal(id, Signal::SIGSTOP)?;
+        self.paused.insert(id);
+        Ok(())
+    }
+
+    /// Cuts the links between nodes that `connected` (over positions in [`Cluster::ids`]) does
+    /// not allow. Returns a description of the cut.
+    pub fn partition(
+        &mut self,
+        connected: impl Fn(usize, usize) -> bool,
+    ) -> anyhow::Result<String> {
+        let ips: Vec<String> = self
+            .ids()
+            .into_iter()
+            .filter_map(|id| self.addr(id))
+            .map(|a| {
+                a.rsplit_once(':')
+                    .map_or(a.clone(), |(ip, _)| ip.to_string())
+            })
+            .collect();
+        self.partitioned = true;
+        let cut = crate::net::partition(&ips, connected)?;
+        Ok(cut
+            .iter()
+            .map(|(a, b)| format!("{a}-x-{b}"))
+            .collect::<Vec<_>>()
+            .join(" "))
+    }
+
+    /// Restarts killed nodes, resumes paused ones, removes partitions.
+    pub fn heal(&mut self) -> anyhow::Result<()> {
+        if std::mem::take(&mut self.partitioned) {
+            crate::net::heal()?;
+        }
+        for id in std::mem::take(&mut self.paused) {
+            self.nodes.signal(id, Signal::SIGCONT)?;
+        }
+        for id in std::mem::take(&mut self.killed) {
+            self.nodes.start_node(id)?;
+        }
+        Ok(())
+    }
+
+    /// The node leading `group`, asking the healthy nodes.
+    pub async fn leader_of(&self, client: &Client, group: u64) -> Option<u64> {
+        for id in self.healthy() {
+            let Some(addr) = self.addr(id) else { continue };
+            if let Ok(st) = client.node_status(&addr).await {
+                if st
+                    .groups
+                    .iter()
+                    .any(|g| g.group_id == group && g.role == "leader")
+                {
+                    return Some(id);
+                }
+            }
+        }
+        None
+    }
+
+    /// Starts one more node with `--join` and returns its id and addresses.
+    pub fn start_joining(&mut self) -> anyhow::Result<(u64, String, String)> {
+        let e = self.nodes.start_joining_node()?;
+        Ok((e.id, e.client_addr, e.peer_addr))
+    }
+
+    /// The directory of the cluster (logs live under it).
+    pub fn dir(&self) -> PathBuf {
+        self.nodes.dir().to_path_buf()
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if self.partitioned {
+            let _ = crate::net::heal();
+        }
+        // A stopped process ignores SIGTERM; resume it so the launcher's teardown works.
+        for id in std::mem::take(&mut self.paused) {
+            let _ = self.nodes.signal(id, Signal::SIGCONT);
+        }
+    }
+}

@@ -1,0 +1,451 @@
+//! Nemeses: faults injected on a seeded schedule (`--seed` reproduces the choices), each recorded
+//! in the history with its real targets as a `start` and a `stop` event.
+//!
+//! A cycle is: wait, inject one fault, hold it, heal it. Faults:
+//! - `kill`: SIGKILL a node (half the time the leader of a random shard), restart it at heal;
+//! - `pause`: SIGSTOP the leader of a random shard for longer than an election timeout, then
+//!   SIGCONT (the deposed-leader case);
+//! - `membership`: add a fresh node (`--join` + `node add`), then drain and remove an old one,
+//!   keeping the cluster at its size;
+//! - `bounce`: kill a shard's leader and restart it at once — a forced election and leadership
+//!   change with almost no outage;
+//! - `duplicate`: the network delivers a write twice: the nemesis writes a key with an explicit
+//!   request id, another write overwrites it, then the first request is delivered again and the
+//!   key is read — the duplicate must change nothing;
+//! - `mixed`: kill, pause, membership or bounce, chosen per cycle.
+//!
+//! - `partition`: cut links between nodes (see [`crate::net`]): isolate one node, isolate a shard
+//!   leader, majority / minority, and with 5 nodes the majorities ring and the bridge; needs the
+//!   harness inside its private network namespace (`strata-jepsen` re-executes itself there).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use strata_client::Client;
+
+use strata_proto::v1::kv_client::KvClient;
+use strata_proto::v1::{PutRequest, RequestId};
+
+use crate::control::Cluster;
+use crate::history::{Event, Kind, Recorder, F};
+
+/// Which faults to inject.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Nemesis {
+    /// No faults (a baseline run).
+    None,
+    /// SIGKILL and restart.
+    Kill,
+    /// SIGSTOP and SIGCONT of a leader.
+    Pause,
+    /// Add a fresh node, remove an old one.
+    Membership,
+    /// A shard leader killed and restarted at once (a forced election).
+    Bounce,
+    /// Writes delivered twice with the same request id.
+    Duplicate,
+    /// Network partitions (needs a private network namespace and iptables).
+    Partition,
+    /// One of kill, pause, membership, bounce (and partition, where it can run) per cycle.
+    Mixed,
+}
+
+/// Timing of a nemesis cycle.
+#[derive(Clone, Copy, Debug)]
+pub struct Timing {
+    /// Quiet time before each fault.
+    pub quiet: Duration,
+    /// How long a fault is held.
+    pub hold: Duration,
+}
+
+impl Default for Timing {
+    fn default() -> Self {
+        Timing {
+            quiet: Duration::from_secs(3),
+            hold: Duration::from_secs(3),
+        }
+    }
+}
+
+fn event(f: F, name: &str, targets: String) -> Event {
+    let mut e = Event::new(Kind::Nemesis, 0, f);
+    e.key = Some(name.to_string());
+    e.node = Some(targets);
+    e
+}
+
+/// Runs `nemesis` until `stop`, then heals everything. Returns the faults injected.
+pub async fn run(
+    nemesis: Nemesis,
+    cluster: &mut Cluster,
+    client: &Client,
+    recorder: &Recorder,
+    seed: u64,
+    timing: Timing,
+    stop: Arc<AtomicBool>,
+) -> anyhow::Result<usize> {
+    if nemesis == Nemesis::Partition && !crate::net::in_private_netns() {
+        anyhow::bail!(
+            "the partition nemesis needs the harness inside its private network namespace"
+        );
+    }
+    let mut rng = StdRng::seed_from_u64(seed ^ 0x6e656d65);
+    let mut faults = 0;
+    let sleep = |d: Duration, stop: &Arc<AtomicBool>| {
+        let stop = stop.clone();
+        async move {
+            let until = tokio::time::Instant::now() + d;
+            while tokio::time::Instant::now() < until && !stop.load(Ordering::Relaxed) {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    while !stop.load(Ordering::Relaxed) && nemesis != Nemesis::None {
+        sleep(timing.quiet, &stop).await;
+        if stop.load(Ordering::Relaxed) {
+            break;
+        }
+        let kind = match nemesis {
+            Nemesis::Mixed => {
+                let kinds = [
+                    Nemesis::Kill,
+                    Nemesis::Pause,
+                    Nemesis::Membership,
+                    Nemesis::Bounce,
+                    Nemesis::Partition,
+                ];
+                let n = if crate::net::in_private_netns() { 5 } else { 4 };
+                kinds[rng.random_range(0..n)]
+            }
+            other => other,
+        };
+        let shard = rng.random_range(1..=shard_count(client));
+        match kind {
+            Nemesis::Kill => {
+                let target = if rng.random_bool(0.5) {
+                    cluster.leader_of(client, shard).await
+                } else {
+                    None
+                };
+                let healthy = cluster.healthy();
+                let target = target.unwrap_or(healthy[rng.random_range(0..healthy.len())]);
+                recorder.record(event(F::Start, "kill", format!("{target}")));
+                cluster.kill(target)?;
+                sleep(timing.hold, &stop).await;
+                cluster.heal()?;
+                recorder.record(event(F::Stop, "kill", format!("{target}")));
+            }
+            Nemesis::Pause => {
+                let Some(target) = cluster.leader_of(client, shard).await else {
+                    continue;
+                };
+                recorder.record(event(
+                    F::Start,
+                    "pause",
+                    format!("{target} (leader of shard {shard})"),
+                ));
+                cluster.pause(target)?;
+                sleep(timing.hold, &stop).await;
+                cluster.heal()?;
+                recorder.record(event(F::Stop, "pause", format!("{target}")));
+            }
+            Nemesis::Bounce => {
+                let Some(target) = cluster.leader_of(client, shard).await else {
+                    continue;
+                };
+                recorder.record(event(
+                    F::Start,
+                    "bounce",
+                    format!("{target} (leader of shard {shard})"),
+                ));
+                cluster.kill(target)?;
+                cluster.heal()?;
+                recorder.record(event(F::Stop, "bounce", format!("{target}")));
+            }
+            Nemesis::Duplicate => duplicate(client, recorder, faults as u64).await?,
+            Nemesis::Partition => {
+                let (name, connected) = partition_plan(cluster, client, &mut rng, shard).await;
+                let cut = cluster.partition(connected)?;
+                recorder.record(event(F::Start, &name, cut));
+                sleep(timing.hold, &stop).await;
+                cluster.heal()?;
+                recorder.record(event(F::Stop, &name, String::new()));
+            }
+            Nemesis::Membership => membership(cluster, client, recorder, &mut rng).await?,
+            Nemesis::None | Nemesis::Mixed => unreachable!(),
+        }
+        faults += 1;
+    }
+    cluster.heal()?;
+    Ok(faults)
+}
+
+/// A connectivity graph over node positions (in `Cluster::ids` order) and its name.
+type Plan = (String, Box<dyn Fn(usize, usize) -> bool + Send>);
+
+/// Chooses a partition: isolate a node, isolate a shard's leader, majority / minority, and with 5
+/// nodes the majorities ring or the bridge.
+async fn partition_plan(cluster: &Cluster, client: &Client, rng: &mut StdRng, shard: u64) -> Plan {
+    let ids = cluster.ids();
+    let n = ids.len();
+    let mut order: Vec<usize> = (0..n).collect();
+    for i in (1..n).rev() {
+        order.swap(i, rng.random_range(0..=i));
+    }
+    let choice = rng.random_range(0..if n >= 5 { 5 } else { 3 });
+    match choice {
+        0 | 1 => {
+            let leader = if choice == 1 {
+                cluster.leader_of(client, shard).await
+            } else {
+                None
+            };
+            let victim = leader
+                .and_then(|l| ids.iter().position(|i| *i == l))
+                .unwrap_or(order[0]);
+            let name = match leader {
+                Some(l) => format!("isolate-leader (node {l}, shard {shard})"),
+                None => format!("isolate-node {}", ids[victim]),
+            };
+            (name, Box::new(move |a, b| a != victim && b != victim))
+        }
+        2 => {
+            let minority: Vec<usize> = order[..n / 2].to_vec();
+            let name = format!(
+                "majority-minority (minority {:?})",
+                minority.iter().map(|p| ids[*p]).collect::<Vec<_>>()
+            );
+            (
+                name,
+                Box::new(move |a, b| minority.contains(&a) == minority.contains(&b)),
+            )
+        }
+        3 => {
+            // Each node sees its two neighbours on a ring: every node is in a majority, and no
+            // two majorities are the same.
+            let pos: Vec<usize> = (0..n)
+                .map(|p| order.iter().position(|o| *o == p).unwrap())
+                .collect();
+            let name = format!(
+                "majorities-ring {:?}",
+                order.iter().map(|p| ids[*p]).collect::<Vec<_>>()
+            );
+            (
+                name,
+                Box::new(move |a, b| {
+                    let d = pos[a].abs_diff(pos[b]);
+                    d == 1 || d == n - 1
+                }),
+            )
+        }
+        _ => {
+            // Two halves that only the bridge node connects.
+            let (left, bridge) = (order[..n / 2].to_vec(), order[n / 2]);
+            let name = format!(
+                "bridge (node {} between {:?} and the rest)",
+                ids[bridge],
+                left.iter().map(|p| ids[*p]).collect::<Vec<_>>()
+            );
+            (
+                name,
+                Box::new(move |a, b| {
+                    a == bridge || b == bridge || left.contains(&a) == left.contains(&b)
+                }),
+            )
+        }
+    }
+}
+
+fn shard_count(client: &Client) -> u64 {
+    client
+        .route_table()
+        .map_or(1, |t| t.shards.len() as u64)
+        .max(1)
+}
+
+/// Adds a fresh node, waits for it to hold replicas, then removes a random old member and waits
+/// for it to leave.
+async fn membership(
+    cluster: &mut Cluster,
+    client: &Client,
+    recorder: &Recorder,
+    rng: &mut StdRng,
+) -> anyhow::Result<()> {
+    let (id, client_addr, peer_addr) = cluster.start_joining()?;
+    // The new process needs a moment to listen.
+    for _ in 0..100 {
+        if client.node_status(&client_addr).await.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    recorder.record(event(F::Start, "add-node", format!("{id}")));
+    client.add_node(&client_addr, &peer_addr, Some(id)).await?;
+    wait_map(client, Duration::from_secs(60), |m| {
+        m.shards.iter().any(|s| s.replicas.contains(&id))
+            && m.shards.iter().all(|s| s.moving_to == 0)
+    })
+    .await;
+    recorder.record(event(F::Stop, "add-node", format!("{id}")));
+
+    let map = client.shard_map().await?;
+    let members: Vec<u64> = map
+        .nodes
+        .iter()
+        .map(|n| n.id)
+        .filter(|n| *n != id && cluster.healthy().contains(n))
+        .collect();
+    let victim = members[rng.random_range(0..members.len())];
+    recorder.record(event(F::Start, "remove-node", format!("{victim}")));
+    client.remove_node(victim, false).await?;
+    wait_map(client, Duration::from_secs(90), |m| {
+        !m.nodes.iter().any(|n| n.id == victim)
+    })
+    .await;
+    recorder.record(event(F::Stop, "remove-node", format!("{victim}")));
+    Ok(())
+}
+
+/// Polls the shard map until `done` or `timeout`.
+async fn wait_map(
+    client: &Client,
+    timeout: Duration,
+    done: impl Fn(&strata_proto::v1::ShardMap) -> bool,
+) {
+    let until = tokio::time::Instant::now() + timeout;
+    while tokio::time::Instant::now() < until {
+        let _ = client.refresh_map().await;
+        if let Ok(m) = client.shard_map().await {
+            if done(&m) {
+                return;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// Process ids of the duplicate nemesis' own operations (workers count up from 0).
+const DUPLICATE_PROCESS: u64 = 1 << 40;
+
+/// One duplicated delivery: write `A` with request id `R`, overwrite with `B`, deliver `R`
+/// again, read. Each step is recorded as an operation of the nemesis' process (the re-delivery as
+/// a nemesis event), so the checker sees `A` then `B` acknowledged and judges the read.
+async fn duplicate(client: &Client, recorder: &Recorder, n: u64) -> anyhow::Result<()> {
+    let key = format!("dup:{n}");
+    let process = DUPLICATE_PROCESS + n;
+    let id = RequestId {
+        client_id: rand::random::<u64>() | 1,
+        sequence: 1,
+        // Nothing is acknowledged yet: the server must keep this request's outcome.
+        acked_below: 0,
+    };
+    let first = format!("d{n}a");
+    let mut e = Event::new(Kind::Invoke, process, F::Write);
+    e.key = Some(key.clone());
+    e.value = Some(first.clone());
+    let invoked = recorder.record(e);
+    let mut done = invoked.clone();
+    match raw_put(client, &key, &first, id).await {
+        Ok(version) => {
+            done.kind = Kind::Ok;
+            done.version = Some(version);
+            recorder.record(done);
+        }
+        Err(err) => {
+            // Unknown outcome: give up on this round (the checker handles the info write).
+            done.kind = Kind::Info;
+            done.error = Some(err);
+            recorder.record(done);
+            return Ok(());
+        }
+    }
+    let second = format!("d{n}b");
+    let mut e = Event::new(Kind::Invoke, process, F::Write);
+    e.key = Some(key.clone());
+    e.value = Some(second.clone());
+    let invoked = recorder.record(e);
+    let mut done = invoked.clone();
+    match client.put(key.clone(), second).await {
+        Ok(v) => {
+            done.kind = Kind::Ok;
+            done.version = Some(v);
+        }
+        Err(err) => {
+            done.kind = if err.may_have_applied() {
+                Kind::Info
+            } else {
+                Kind::Fail
+            };
+            done.error = Some(err.to_string());
+        }
+    }
+    let second_ok = done.kind == Kind::Ok;
+    recorder.record(done);
+    if !second_ok {
+        return Ok(());
+    }
+    recorder.record(event(
+        F::Start,
+        "duplicate",
+        format!("request {}/{} for {key}", id.client_id, id.sequence),
+    ));
+    let redelivered = raw_put(client, &key, &first, id).await;
+    recorder.record(event(
+        F::Stop,
+        "duplicate",
+        format!("answered {redelivered:?}"),
+    ));
+    let mut e = Event::new(Kind::Invoke, process + (1 << 20), F::Read);
+    e.key = Some(key.clone());
+    let invoked = recorder.record(e);
+    let mut done = invoked;
+    match client.get(key).await {
+        Ok(r) => {
+            done.kind = Kind::Ok;
+            done.value = r
+                .as_ref()
+                .map(|r| String::from_utf8_lossy(&r.value).to_string());
+            done.version = r.map(|r| r.version);
+        }
+        Err(err) => {
+            done.kind = Kind::Fail;
+            done.error = Some(err.to_string());
+        }
+    }
+    recorder.record(done);
+    Ok(())
+}
+
+/// A put with an explicit request id, sent to the replicas of the key's shard until the leader
+/// takes it.
+async fn raw_put(client: &Client, key: &str, value: &str, id: RequestId) -> Result<u64, String> {
+    let table = client.refresh_map().await.map_err(|e| e.to_string())?;
+    let shard = table.shard_for_key(key.as_bytes()).clone();
+    let mut last = String::new();
+    for _ in 0..20 {
+        for node in &shard.replicas {
+            let Some(addr) = table.nodes.get(node) else {
+                continue;
+            };
+            let Ok(mut kv) = KvClient::connect(format!("http://{addr}")).await else {
+                continue;
+            };
+            let req = PutRequest {
+                key: key.to_string().into(),
+                value: value.to_string().into(),
+                request_id: Some(id),
+            };
+            match kv.put(req).await {
+                Ok(r) => return Ok(r.into_inner().version),
+                Err(s) => last = s.message().to_string(),
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Err(last)
+}

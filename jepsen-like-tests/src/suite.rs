@@ -1,0 +1,174 @@
+//! The CI matrix: a few short scenarios on a 3-node cluster, each with a nemesis, plus the
+//! planted-bug scenarios, which must come out INVALID — a checker that never fails proves
+//! nothing. Prints one line per scenario and ends with `N passed, M failed`.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::checker::DEFAULT_BUDGET;
+use crate::nemesis::Nemesis;
+use crate::runner::{self, RunOptions};
+use crate::workload::Workload;
+
+/// One scenario of the matrix.
+pub struct Scenario {
+    /// Name (also the output subdirectory).
+    pub name: &'static str,
+    /// Workload.
+    pub workload: Workload,
+    /// Nemesis.
+    pub nemesis: Nemesis,
+    /// Traffic duration.
+    pub secs: u64,
+    /// Planted bug to enable (run on the planted binary).
+    pub planted_bug: Option<&'static str>,
+    /// Reads straight to random nodes.
+    pub pinned_reads: bool,
+    /// Whether a correct Strata passes it (planted-bug scenarios must fail).
+    pub expect_valid: bool,
+}
+
+/// The CI matrix.
+pub fn ci_matrix() -> Vec<Scenario> {
+    let s = |name, workload, nemesis, secs| Scenario {
+        name,
+        workload,
+        nemesis,
+        secs,
+        planted_bug: None,
+        pinned_reads: false,
+        expect_valid: true,
+    };
+    vec![
+        s("register-kill", Workload::Register, Nemesis::Kill, 20),
+        s("register-pause", Workload::Register, Nemesis::Pause, 20),
+        s(
+            "register-partition",
+            Workload::Register,
+            Nemesis::Partition,
+            20,
+        ),
+        s(
+            "register-membership",
+            Workload::Register,
+            Nemesis::Membership,
+            25,
+        ),
+        s("set-mixed", Workload::Set, Nemesis::Mixed, 20),
+        s(
+            "register-duplicate",
+            Workload::Register,
+            Nemesis::Duplicate,
+            12,
+        ),
+        Scenario {
+            pinned_reads: true,
+            ..s(
+                "register-pinned-reads",
+                Workload::Register,
+                Nemesis::Pause,
+                12,
+            )
+        },
+        Scenario {
+            planted_bug: Some("stale-reads"),
+            pinned_reads: true,
+            expect_valid: false,
+            ..s(
+                "planted-stale-reads",
+                Workload::Register,
+                Nemesis::Pause,
+                12,
+            )
+        },
+        Scenario {
+            planted_bug: Some("skip-dedup"),
+            expect_valid: false,
+            ..s(
+                "planted-skip-dedup",
+                Workload::Register,
+                Nemesis::Duplicate,
+                12,
+            )
+        },
+    ]
+}
+
+/// Runs the matrix; returns `(passed, failed)`.
+pub async fn run_ci(
+    out: &Path,
+    node_bin: &Path,
+    planted_bin: Option<&PathBuf>,
+    seed: u64,
+) -> (usize, usize) {
+    let (mut passed, mut failed) = (0, 0);
+    let partitions = crate::net::in_private_netns();
+    for sc in ci_matrix() {
+        if sc.nemesis == Nemesis::Partition && !partitions {
+            let why = crate::net::availability()
+                .err()
+                .unwrap_or_else(|| "the harness is not in its network namespace".into());
+            println!("SKIP {:<24} partitions cannot run here: {why}", sc.name);
+            continue;
+        }
+        let bin = match (sc.planted_bug, planted_bin) {
+            (None, _) => node_bin.to_path_buf(),
+            (Some(_), Some(b)) => b.clone(),
+            (Some(bug), None) => {
+                println!("FAIL {}: no planted-bugs binary to run {bug} with", sc.name);
+                failed += 1;
+                continue;
+            }
+        };
+        let opts = RunOptions {
+            workload: sc.workload,
+            nemesis: sc.nemesis,
+            nodes: 3,
+            shards: 4,
+            time_limit: Duration::from_secs(sc.secs),
+            rate: 150,
+            concurrency: 8,
+            seed,
+            out: out.join(sc.name),
+            node_bin: bin,
+            planted_bug: sc.planted_bug.map(String::from),
+            pinned_reads: sc.pinned_reads,
+            budget: DEFAULT_BUDGET,
+        };
+        let started = std::time::Instant::now();
+        let verdict = match runner::run(opts).await {
+            Ok(r) => Ok((r.valid, r.checks.ok, r.faults)),
+            Err(e) => Err(format!("{e:#}")),
+        };
+        let secs = started.elapsed().as_secs();
+        match verdict {
+            Ok((valid, ok, faults)) if valid == sc.expect_valid => {
+                passed += 1;
+                println!(
+                    "ok   {:<24} {} as expected ({ok} ok ops, {faults} faults, {secs} s)",
+                    sc.name,
+                    if valid { "valid" } else { "violation found" }
+                );
+            }
+            Ok((valid, _, _)) => {
+                failed += 1;
+                println!(
+                    "FAIL {:<24} {} (expected {}); see {}",
+                    sc.name,
+                    if valid { "valid" } else { "INVALID" },
+                    if sc.expect_valid {
+                        "valid"
+                    } else {
+                        "a violation"
+                    },
+                    out.join(sc.name).join("report.txt").display()
+                );
+            }
+            Err(e) => {
+                failed += 1;
+                println!("FAIL {:<24} run error: {e}", sc.name);
+            }
+        }
+    }
+    (passed, failed)
+}

@@ -1,0 +1,44 @@
+//! Planted bugs, for proving that the chaos suite can fail (`jepsen-like-tests`). They exist only
+//! in builds with the `planted-bugs` feature, which is off by default and never part of a release
+//! binary; such a build enables one of them when started with `STRATA_PLANTED_BUG` set to its
+//! name. In every other build [`active`] is a constant `false`.
+
+/// A known bug the suite must catch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Bug {
+    /// `stale-reads`: linearizable reads are served from local state on any replica, skipping
+    /// leadership confirmation (ReadIndex) — a lagging follower or deposed leader answers.
+    StaleReads,
+    /// `skip-dedup`: request ids are ignored, so a retried or duplicated write applies again.
+    SkipDedup,
+}
+
+#[cfg(feature = "planted-bugs")]
+impl Bug {
+    fn name(self) -> &'static str {
+        match self {
+            Bug::StaleReads => "stale-reads",
+            Bug::SkipDedup => "skip-dedup",
+        }
+    }
+}
+
+/// Whether `bug` is switched on in this process.
+#[cfg(feature = "planted-bugs")]
+pub fn active(bug: Bug) -> bool {
+    static CHOSEN: std::sync::LazyLock<Option<String>> = std::sync::LazyLock::new(|| {
+        let chosen = std::env::var("STRATA_PLANTED_BUG").ok();
+        if let Some(name) = &chosen {
+            tracing::warn!("PLANTED BUG {name} IS ACTIVE: this node is deliberately incorrect");
+        }
+        chosen
+    });
+    CHOSEN.as_deref() == Some(bug.name())
+}
+
+/// Whether `bug` is switched on in this process: never, in this build.
+#[cfg(not(feature = "planted-bugs"))]
+#[inline(always)]
+pub fn active(_bug: Bug) -> bool {
+    false
+}
