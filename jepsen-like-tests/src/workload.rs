@@ -150,9 +150,12 @@ async fn worker(
     }
 }
 
-fn invoke(process: u64, f: F, key: &str) -> Event {
+fn invoke(client: &Client, process: u64, f: F, key: &str) -> Event {
     let mut e = Event::new(Kind::Invoke, process, f);
     e.key = Some(key.to_string());
+    e.shard = client
+        .route_table()
+        .map(|t| t.shard_for_key(key.as_bytes()).id);
     e
 }
 
@@ -181,7 +184,7 @@ async fn read(
     key: &str,
     seen: &mut HashMap<String, (Option<String>, u64)>,
 ) -> bool {
-    let mut e = invoke(process, F::Read, key);
+    let mut e = invoke(client, process, F::Read, key);
     let pinned = settings
         .pinned_reads
         .then(|| settings.node_addrs[rng.random_range(0..settings.node_addrs.len())].clone());
@@ -239,7 +242,7 @@ async fn write(
     seen: &mut HashMap<String, (Option<String>, u64)>,
 ) -> bool {
     let value = format!("w{}", counters.value());
-    let mut e = invoke(process, F::Write, key);
+    let mut e = invoke(client, process, F::Write, key);
     e.value = Some(value.clone());
     let e = recorder.record(e);
     match client.put(key.to_string(), value.clone()).await {
@@ -263,7 +266,7 @@ async fn cas(
 ) -> bool {
     let (expected, version) = seen.get(key).cloned().unwrap_or((None, 0));
     let value = format!("c{}", counters.value());
-    let mut e = invoke(process, F::Cas, key);
+    let mut e = invoke(client, process, F::Cas, key);
     e.value = Some(value.clone());
     e.expected = expected;
     e.version = Some(version);
@@ -297,7 +300,7 @@ async fn cas(
 async fn add(client: &Client, recorder: &Recorder, process: u64, counters: &Counters) -> bool {
     let element = format!("e{}", counters.value());
     let key = format!("set:{element}");
-    let mut e = invoke(process, F::Add, &key);
+    let mut e = invoke(client, process, F::Add, &key);
     e.value = Some(element.clone());
     let e = recorder.record(e);
     match client.put(key, element).await {
