@@ -1,12 +1,13 @@
-//! Membership requests (`strata node add/remove`). They are served by the meta group's leader;
+//! Admin requests. Membership (`strata node add/remove`) is served by the meta group's leader;
 //! the client finds it by asking the meta replicas and following `NotLeader` hints, within the
-//! client's deadline.
+//! client's deadline. Leadership transfer goes to the shard's leader; a snapshot request to the
+//! replica named.
 
 use std::future::Future;
 use std::time::Duration;
 
 use strata_proto::v1::cluster_client::ClusterClient;
-use strata_proto::v1::{AddNodeRequest, RemoveNodeRequest};
+use strata_proto::v1::{AddNodeRequest, RemoveNodeRequest, SnapshotRequest, TransferLeaderRequest};
 use tokio::time::Instant;
 use tonic::transport::Channel;
 
@@ -49,6 +50,46 @@ impl Client {
             .meta_call(|mut c| async move { c.remove_node(RemoveNodeRequest { id, force }).await })
             .await?;
         Ok(r.epoch)
+    }
+
+    /// Moves the leadership of `shard` to node `to` (another replica of it).
+    pub async fn transfer_leader(&self, shard: u64, to: u64) -> Result<(), Error> {
+        let table = self.refresh_map().await?;
+        let route = table
+            .shard(shard)
+            .ok_or_else(|| Error::InvalidArgument(format!("unknown shard {shard}")))?;
+        let mut last = String::from("no replica answered");
+        for node in &route.replicas {
+            let Some(addr) = table.nodes.get(node) else {
+                continue;
+            };
+            let mut c = ClusterClient::new(self.channel(addr)?);
+            let req = TransferLeaderRequest {
+                shard_id: shard,
+                to,
+            };
+            match c.transfer_leader(req).await {
+                Ok(_) => return Ok(()),
+                Err(s) => match classify(&s, false) {
+                    Verdict::Fail(e) => return Err(e),
+                    _ => last = format!("{addr}: {}", s.message()),
+                },
+            }
+        }
+        Err(Error::Unavailable(last))
+    }
+
+    /// Makes the replica of `shard` on the node at `addr` snapshot now (and compact its log).
+    /// Returns the last index the snapshot covers.
+    pub async fn snapshot_replica(&self, addr: &str, shard: u64) -> Result<u64, Error> {
+        let mut c = ClusterClient::new(self.channel(addr)?);
+        c.snapshot(SnapshotRequest { shard_id: shard })
+            .await
+            .map(|r| r.into_inner().snapshot_index)
+            .map_err(|s| match classify(&s, false) {
+                Verdict::Fail(e) => e,
+                _ => Error::Unavailable(format!("{addr}: {}", s.message())),
+            })
     }
 
     /// Runs `call` at the meta leader.

@@ -37,6 +37,9 @@ fn unknown_node(node: u64, epoch: u64) -> tonic::Status {
     )
 }
 
+/// After the first node answers a shard-map request, how long the others get.
+const MAP_GRACE: Duration = Duration::from_millis(150);
+
 /// Longest pause between two attempts of one operation.
 const MAX_BACKOFF: Duration = Duration::from_millis(250);
 
@@ -236,25 +239,40 @@ impl Client {
         Ok(table)
     }
 
-    /// The shard map as the first answering node reports it (with its view of the leaders).
-    /// A node whose map is older than the cached one (it has not learned the last change yet)
-    /// is skipped when another node answers with a newer one.
+    /// The newest shard map the nodes report (with the answering node's view of the leaders).
+    /// Every endpoint and known node is asked at once; once one has answered, the others get a
+    /// short grace period, and the highest epoch wins — a node that missed recent changes (or
+    /// was removed while cut off) must not pin the client to its old map.
     pub async fn shard_map(&self) -> Result<ShardMap, Error> {
+        use futures::stream::{FuturesUnordered, StreamExt};
         let mut addrs: Vec<String> = self.inner.config.endpoints.clone();
-        let known_epoch = self.table().map_or(0, |t| t.epoch);
         if let Some(t) = self.table() {
             addrs.extend(t.nodes.values().cloned());
         }
+        addrs.sort();
         addrs.dedup();
+        let mut pending: FuturesUnordered<_> = addrs
+            .iter()
+            .map(|addr| async move { (addr, self.fetch_map(addr).await) })
+            .collect();
         let mut last = String::from("no endpoint tried");
         let mut best: Option<ShardMap> = None;
-        for addr in addrs {
-            match self.fetch_map(&addr).await {
-                Ok(map) if map.epoch >= known_epoch => return Ok(map),
+        let mut grace_until: Option<Instant> = None;
+        loop {
+            let next = match grace_until {
+                Some(until) => match tokio::time::timeout_at(until, pending.next()).await {
+                    Ok(next) => next,
+                    Err(_) => break,
+                },
+                None => pending.next().await,
+            };
+            let Some((addr, result)) = next else { break };
+            match result {
                 Ok(map) => {
                     if best.as_ref().is_none_or(|b| b.epoch < map.epoch) {
                         best = Some(map);
                     }
+                    grace_until.get_or_insert(Instant::now() + MAP_GRACE);
                 }
                 Err(e) => last = format!("{addr}: {e}"),
             }

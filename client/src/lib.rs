@@ -23,8 +23,8 @@
 //! deadline. A retried write reuses its request id, so it never applies twice. While replicas
 //! move (`strata node add/remove`) the shard map's epoch changes: a node that no longer holds a
 //! shard answers `WrongShard`, a hint may name a node the cached map does not know, and every
-//! replica of a shard may stop answering; each case reloads the map (never an older one) and
-//! retries.
+//! replica of a shard may stop answering; each case reloads the map (asking every known node,
+//! keeping the newest epoch) and retries.
 
 #![warn(missing_docs)]
 

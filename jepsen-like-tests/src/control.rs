@@ -124,21 +124,32 @@ impl Cluster {
         Ok(())
     }
 
-    /// Cuts the links between nodes that `connected` (over positions in [`Cluster::ids`]) does
-    /// not allow. Returns a description of the cut.
-    pub fn partition(
-        &mut self,
-        connected: impl Fn(usize, usize) -> bool,
-    ) -> anyhow::Result<String> {
-        let ips: Vec<String> = self
-            .ids()
-            .into_iter()
-            .filter_map(|id| self.addr(id))
+    /// Loopback addresses of nodes `ids`, in that order.
+    fn ips(&self, ids: &[u64]) -> Vec<String> {
+        ids.iter()
+            .filter_map(|id| self.addr(*id))
             .map(|a| {
                 a.rsplit_once(':')
                     .map_or(a.clone(), |(ip, _)| ip.to_string())
             })
-            .collect();
+            .collect()
+    }
+
+    /// Drops `percent` % of the packets between any two nodes.
+    pub fn lossy(&mut self, percent: u32) -> anyhow::Result<()> {
+        let ips = self.ips(&self.ids());
+        self.partitioned = true;
+        crate::net::lossy(&ips, percent)
+    }
+
+    /// Cuts the links between nodes `ids` that `connected` (over positions in `ids`) does not
+    /// allow. Returns a description of the cut.
+    pub fn partition(
+        &mut self,
+        ids: &[u64],
+        connected: impl Fn(usize, usize) -> bool,
+    ) -> anyhow::Result<String> {
+        let ips = self.ips(ids);
         self.partitioned = true;
         let cut = crate::net::partition(&ips, connected)?;
         Ok(cut

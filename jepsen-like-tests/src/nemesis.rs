@@ -9,13 +9,17 @@
 //!   keeping the cluster at its size;
 //! - `bounce`: kill a shard's leader and restart it at once — a forced election and leadership
 //!   change with almost no outage;
+//! - `transfer`: move a shard's leadership to another replica (`Cluster.TransferLeader`);
+//! - `snapshot`: pause a follower of a shard, force a snapshot (and log compaction) on the other
+//!   replicas, resume the follower — it must catch up by snapshot;
 //! - `duplicate`: the network delivers a write twice: the nemesis writes a key with an explicit
 //!   request id, another write overwrites it, then the first request is delivered again and the
 //!   key is read — the duplicate must change nothing;
 //! - `mixed`: kill, pause, membership or bounce, chosen per cycle.
 //!
 //! - `partition`: cut links between nodes (see [`crate::net`]): isolate one node, isolate a shard
-//!   leader, majority / minority, and with 5 nodes the majorities ring and the bridge; needs the
+//!   leader, majority / minority, random packet loss, and with 5 nodes the majorities ring and the
+//!   bridge; needs the
 //!   harness inside its private network namespace (`strata-jepsen` re-executes itself there).
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -48,9 +52,14 @@ pub enum Nemesis {
     Bounce,
     /// Writes delivered twice with the same request id.
     Duplicate,
+    /// A shard's leadership moved to another replica.
+    Transfer,
+    /// A forced snapshot while a follower is paused.
+    Snapshot,
     /// Network partitions (needs a private network namespace and iptables).
     Partition,
-    /// One of kill, pause, membership, bounce (and partition, where it can run) per cycle.
+    /// One of kill, pause, membership, bounce, transfer, snapshot (and partition, where it can
+    /// run) per cycle.
     Mixed,
 }
 
@@ -117,9 +126,11 @@ pub async fn run(
                     Nemesis::Pause,
                     Nemesis::Membership,
                     Nemesis::Bounce,
+                    Nemesis::Transfer,
+                    Nemesis::Snapshot,
                     Nemesis::Partition,
                 ];
-                let n = if crate::net::in_private_netns() { 5 } else { 4 };
+                let n = kinds.len() - usize::from(!crate::net::in_private_netns());
                 kinds[rng.random_range(0..n)]
             }
             other => other,
@@ -168,15 +179,79 @@ pub async fn run(
                 recorder.record(event(F::Stop, "bounce", format!("{target}")));
             }
             Nemesis::Duplicate => duplicate(client, recorder, faults as u64).await?,
+            Nemesis::Transfer => {
+                let Some(from) = cluster.leader_of(client, shard).await else {
+                    continue;
+                };
+                let table = client.refresh_map().await?;
+                let replicas = table
+                    .shard(shard)
+                    .map(|s| s.replicas.clone())
+                    .unwrap_or_default();
+                let others: Vec<u64> = replicas.into_iter().filter(|r| *r != from).collect();
+                if others.is_empty() {
+                    continue;
+                }
+                let to = others[rng.random_range(0..others.len())];
+                recorder.record(event(
+                    F::Start,
+                    "transfer",
+                    format!("shard {shard}: {from} -> {to}"),
+                ));
+                let r = client.transfer_leader(shard, to).await;
+                recorder.record(event(F::Stop, "transfer", format!("{r:?}")));
+            }
+            Nemesis::Snapshot => {
+                let Some(leader) = cluster.leader_of(client, shard).await else {
+                    continue;
+                };
+                let table = client.refresh_map().await?;
+                let replicas = table
+                    .shard(shard)
+                    .map(|s| s.replicas.clone())
+                    .unwrap_or_default();
+                let Some(&lagging) = replicas.iter().find(|r| **r != leader) else {
+                    continue;
+                };
+                recorder.record(event(
+                    F::Start,
+                    "snapshot",
+                    format!("shard {shard}: follower {lagging} paused, others snapshot"),
+                ));
+                cluster.pause(lagging)?;
+                sleep(timing.hold / 2, &stop).await;
+                let mut indexes = Vec::new();
+                for r in replicas.iter().filter(|r| **r != lagging) {
+                    if let Some(addr) = cluster.addr(*r) {
+                        indexes.push((*r, client.snapshot_replica(&addr, shard).await));
+                    }
+                }
+                sleep(timing.hold / 2, &stop).await;
+                cluster.heal()?;
+                recorder.record(event(F::Stop, "snapshot", format!("{indexes:?}")));
+            }
             Nemesis::Partition => {
-                let (name, connected) = partition_plan(cluster, client, &mut rng, shard).await;
-                let cut = cluster.partition(connected)?;
+                let members = members(client).await;
+                let (name, connected) =
+                    partition_plan(cluster, client, &members, &mut rng, shard).await;
+                let cut = if name.starts_with("random-loss") {
+                    cluster.lossy(30)?;
+                    "30% of packets between every two nodes".to_string()
+                } else {
+                    cluster.partition(&members, connected)?
+                };
                 recorder.record(event(F::Start, &name, cut));
                 sleep(timing.hold, &stop).await;
                 cluster.heal()?;
                 recorder.record(event(F::Stop, &name, String::new()));
             }
-            Nemesis::Membership => membership(cluster, client, recorder, &mut rng).await?,
+            Nemesis::Membership => {
+                // A membership change refused or timed out under other faults is recorded, not
+                // fatal: safety is what the run checks.
+                if let Err(e) = membership(cluster, recorder, &mut rng).await {
+                    recorder.record(event(F::Stop, "membership-error", format!("{e:#}")));
+                }
+            }
             Nemesis::None | Nemesis::Mixed => unreachable!(),
         }
         faults += 1;
@@ -185,19 +260,38 @@ pub async fn run(
     Ok(faults)
 }
 
-/// A connectivity graph over node positions (in `Cluster::ids` order) and its name.
+/// A connectivity graph over node positions (in the members' order) and its name.
 type Plan = (String, Box<dyn Fn(usize, usize) -> bool + Send>);
 
-/// Chooses a partition: isolate a node, isolate a shard's leader, majority / minority, and with 5
-/// nodes the majorities ring or the bridge.
-async fn partition_plan(cluster: &Cluster, client: &Client, rng: &mut StdRng, shard: u64) -> Plan {
-    let ids = cluster.ids();
+/// The cluster's current members (nodes removed by the membership nemesis keep running, idle,
+/// and are left out of partitions).
+async fn members(client: &Client) -> Vec<u64> {
+    let _ = client.refresh_map().await;
+    client
+        .route_table()
+        .map(|t| {
+            let mut ids: Vec<u64> = t.nodes.keys().copied().collect();
+            ids.sort_unstable();
+            ids
+        })
+        .unwrap_or_default()
+}
+
+/// Chooses a partition of `ids`: isolate a node, isolate a shard's leader, majority / minority,
+/// random loss, and with 5 nodes the majorities ring or the bridge.
+async fn partition_plan(
+    cluster: &Cluster,
+    client: &Client,
+    ids: &[u64],
+    rng: &mut StdRng,
+    shard: u64,
+) -> Plan {
     let n = ids.len();
     let mut order: Vec<usize> = (0..n).collect();
     for i in (1..n).rev() {
         order.swap(i, rng.random_range(0..=i));
     }
-    let choice = rng.random_range(0..if n >= 5 { 5 } else { 3 });
+    let choice = rng.random_range(0..if n >= 5 { 6 } else { 4 });
     match choice {
         0 | 1 => {
             let leader = if choice == 1 {
@@ -225,7 +319,11 @@ async fn partition_plan(cluster: &Cluster, client: &Client, rng: &mut StdRng, sh
                 Box::new(move |a, b| minority.contains(&a) == minority.contains(&b)),
             )
         }
-        3 => {
+        3 => (
+            "random-loss 30% between all nodes".into(),
+            Box::new(|_, _| true),
+        ),
+        4 => {
             // Each node sees its two neighbours on a ring: every node is in a majority, and no
             // two majorities are the same.
             let pos: Vec<usize> = (0..n)
@@ -272,10 +370,11 @@ fn shard_count(client: &Client) -> u64 {
 /// for it to leave.
 async fn membership(
     cluster: &mut Cluster,
-    client: &Client,
     recorder: &Recorder,
     rng: &mut StdRng,
 ) -> anyhow::Result<()> {
+    // Admin requests wait for a meta leader through other faults.
+    let client = &cluster.client(Duration::from_secs(30)).await?;
     let (id, client_addr, peer_addr) = cluster.start_joining()?;
     // The new process needs a moment to listen.
     for _ in 0..100 {

@@ -76,6 +76,26 @@ pub fn partition(
     Ok(cut)
 }
 
+/// Drops a random share (`percent`) of the packets between every two node addresses.
+pub fn lossy(ips: &[String], percent: u32) -> anyhow::Result<()> {
+    for a in ips {
+        for b in ips.iter().filter(|b| *b != a) {
+            own_namespace()?;
+            let p = format!("{:.2}", f64::from(percent) / 100.0);
+            let out = Command::new("iptables")
+                .args(["-A", "INPUT", "-s", a, "-d", b, "-m", "statistic"])
+                .args(["--mode", "random", "--probability", &p, "-j", "DROP"])
+                .output()?;
+            anyhow::ensure!(
+                out.status.success(),
+                "iptables: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+    Ok(())
+}
+
 fn drop_between(from: &str, to: &str) -> anyhow::Result<()> {
     own_namespace()?;
     let out = Command::new("iptables")

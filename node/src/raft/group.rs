@@ -274,6 +274,32 @@ impl Group {
         Ok(())
     }
 
+    /// Builds a snapshot now (openraft then purges the log behind it) and waits up to `timeout`
+    /// for it; returns the last index it covers.
+    pub async fn snapshot_now(&self, timeout: Duration) -> Result<u64, String> {
+        let applied = self
+            .raft
+            .metrics()
+            .borrow_watched()
+            .last_applied
+            .map_or(0, |l| l.index());
+        self.raft
+            .trigger()
+            .snapshot()
+            .await
+            .map_err(|e| e.to_string())?;
+        let m = self
+            .raft
+            .wait(Some(timeout))
+            .metrics(
+                |m| m.snapshot.is_some_and(|s| s.index() >= applied),
+                "snapshot built",
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(m.snapshot.map_or(0, |s| s.index()))
+    }
+
     /// Stops the Raft instance.
     pub async fn shutdown(&self) {
         if let Err(e) = self.raft.shutdown().await {

@@ -6,11 +6,13 @@ use std::sync::Arc;
 use strata_proto::v1::cluster_server::Cluster;
 use strata_proto::v1::{
     AddNodeRequest, AddNodeResponse, RemoveNodeRequest, RemoveNodeResponse, ShardInfo, ShardMap,
-    ShardMapRequest, StatusRequest, StatusResponse,
+    ShardMapRequest, SnapshotRequest, SnapshotResponse, StatusRequest, StatusResponse,
+    TransferLeaderRequest, TransferLeaderResponse,
 };
 use tonic::{Request, Response, Status};
 
 use super::NodeState;
+use crate::error::KvError;
 use crate::layout::{Move, META_GROUP};
 use crate::membership::admin;
 use crate::membership::driver::node_info;
@@ -19,6 +21,9 @@ use crate::membership::driver::node_info;
 pub struct ClusterService {
     node: Arc<NodeState>,
 }
+
+/// How long a leadership transfer or a snapshot may take before the request fails.
+const ADMIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// `(from, to)` of a move on the wire (0 = none).
 fn move_ids(mv: Option<Move>) -> (u64, u64) {
@@ -75,6 +80,13 @@ impl Cluster for ClusterService {
         _: Request<ShardMapRequest>,
     ) -> Result<Response<ShardMap>, Status> {
         self.node.member_layout()?;
+        if self.node.membership() == super::Membership::Removed {
+            return Err(KvError::Unavailable {
+                shard: 0,
+                reason: "this node was removed from the cluster; ask another node".into(),
+            }
+            .into());
+        }
         Ok(Response::new(self.shard_map()))
     }
 
@@ -113,5 +125,46 @@ impl Cluster for ClusterService {
         Ok(Response::new(
             admin::remove_node(&self.node, req.into_inner()).await?,
         ))
+    }
+
+    async fn transfer_leader(
+        &self,
+        req: Request<TransferLeaderRequest>,
+    ) -> Result<Response<TransferLeaderResponse>, Status> {
+        let req = req.into_inner();
+        let group = self.node.group(req.shard_id)?;
+        if !group.is_leader() {
+            return Err(self.node.not_leader(req.shard_id, group.leader()).into());
+        }
+        let layout = self.node.layout();
+        let replicas = layout.replicas(req.shard_id).unwrap_or_default();
+        if req.to == self.node.id() || !replicas.contains(&req.to) {
+            return Err(KvError::InvalidArgument(format!(
+                "node {} is not another replica of shard {} (replicas {replicas:?})",
+                req.to, req.shard_id
+            ))
+            .into());
+        }
+        if !group.hand_over_leadership(req.to, ADMIN_TIMEOUT).await {
+            return Err(KvError::Unavailable {
+                shard: req.shard_id,
+                reason: format!("leadership did not move to node {} in time", req.to),
+            }
+            .into());
+        }
+        Ok(Response::new(TransferLeaderResponse {}))
+    }
+
+    async fn snapshot(
+        &self,
+        req: Request<SnapshotRequest>,
+    ) -> Result<Response<SnapshotResponse>, Status> {
+        let shard = req.into_inner().shard_id;
+        let group = self.node.group(shard)?;
+        let snapshot_index = group
+            .snapshot_now(ADMIN_TIMEOUT)
+            .await
+            .map_err(|reason| KvError::Unavailable { shard, reason })?;
+        Ok(Response::new(SnapshotResponse { snapshot_index }))
     }
 }
