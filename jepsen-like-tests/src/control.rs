@@ -13,7 +13,9 @@ use nix::sys::signal::Signal;
 use strata_client::{Client, ClientBuilder};
 use strata_cluster::launcher::{ClusterSpec, LocalCluster};
 
-/// Raft timings for chaos runs: elections within ~1 s so faults resolve inside short runs.
+/// Raft settings for chaos runs: elections within ~1 s so faults resolve inside short runs, and
+/// frequent snapshots with a short kept log tail (25 entries), so followers that fall behind
+/// catch up by snapshot as well as by log.
 pub const FAST_RAFT: [&str; 8] = [
     "--heartbeat-ms",
     "50",
@@ -22,7 +24,7 @@ pub const FAST_RAFT: [&str; 8] = [
     "--election-timeout-max-ms",
     "1000",
     "--snapshot-logs",
-    "500",
+    "100",
 ];
 
 /// A running chaos cluster.

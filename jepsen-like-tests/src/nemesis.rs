@@ -219,14 +219,14 @@ pub async fn run(
                     format!("shard {shard}: follower {lagging} paused, others snapshot"),
                 ));
                 cluster.pause(lagging)?;
-                sleep(timing.hold / 2, &stop).await;
+                sleep(timing.hold, &stop).await;
                 let mut indexes = Vec::new();
                 for r in replicas.iter().filter(|r| **r != lagging) {
                     if let Some(addr) = cluster.addr(*r) {
                         indexes.push((*r, client.snapshot_replica(&addr, shard).await));
                     }
                 }
-                sleep(timing.hold / 2, &stop).await;
+                sleep(Duration::from_secs(1), &stop).await;
                 cluster.heal()?;
                 recorder.record(event(F::Stop, "snapshot", format!("{indexes:?}")));
             }

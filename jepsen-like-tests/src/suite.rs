@@ -56,6 +56,18 @@ pub fn ci_matrix() -> Vec<Scenario> {
         ),
         s("set-mixed", Workload::Set, Nemesis::Mixed, 20),
         s(
+            "register-snapshot",
+            Workload::Register,
+            Nemesis::Snapshot,
+            12,
+        ),
+        s(
+            "register-transfer",
+            Workload::Register,
+            Nemesis::Transfer,
+            12,
+        ),
+        s(
             "register-duplicate",
             Workload::Register,
             Nemesis::Duplicate,
