@@ -35,6 +35,7 @@ use strata_proto::v1::{PutRequest, RequestId};
 
 use crate::control::Cluster;
 use crate::history::{Event, Kind, Recorder, F};
+use crate::workload::write_error_kind;
 
 /// Which faults to inject.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
@@ -183,11 +184,7 @@ pub async fn run(
                 let Some(from) = cluster.leader_of(client, shard).await else {
                     continue;
                 };
-                let table = client.refresh_map().await?;
-                let replicas = table
-                    .shard(shard)
-                    .map(|s| s.replicas.clone())
-                    .unwrap_or_default();
+                let replicas = replicas_of(client, shard).await?;
                 let others: Vec<u64> = replicas.into_iter().filter(|r| *r != from).collect();
                 if others.is_empty() {
                     continue;
@@ -205,11 +202,7 @@ pub async fn run(
                 let Some(leader) = cluster.leader_of(client, shard).await else {
                     continue;
                 };
-                let table = client.refresh_map().await?;
-                let replicas = table
-                    .shard(shard)
-                    .map(|s| s.replicas.clone())
-                    .unwrap_or_default();
+                let replicas = replicas_of(client, shard).await?;
                 let Some(&lagging) = replicas.iter().find(|r| **r != leader) else {
                     continue;
                 };
@@ -359,6 +352,15 @@ async fn partition_plan(
     }
 }
 
+/// The replicas of `shard` in the current shard map.
+async fn replicas_of(client: &Client, shard: u64) -> anyhow::Result<Vec<u64>> {
+    let table = client.refresh_map().await?;
+    Ok(table
+        .shard(shard)
+        .map(|s| s.replicas.clone())
+        .unwrap_or_default())
+}
+
 fn shard_count(client: &Client) -> u64 {
     client
         .route_table()
@@ -475,11 +477,7 @@ async fn duplicate(client: &Client, recorder: &Recorder, n: u64) -> anyhow::Resu
             done.version = Some(v);
         }
         Err(err) => {
-            done.kind = if err.may_have_applied() {
-                Kind::Info
-            } else {
-                Kind::Fail
-            };
+            done.kind = write_error_kind(&err);
             done.error = Some(err.to_string());
         }
     }

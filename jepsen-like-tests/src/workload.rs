@@ -159,8 +159,8 @@ fn invoke(client: &Client, process: u64, f: F, key: &str) -> Event {
     e
 }
 
-/// Outcome kind of a failed write.
-fn write_error_kind(e: &Error) -> Kind {
+/// Outcome kind of a failed write: `fail` only when the client proves it was not applied.
+pub(crate) fn write_error_kind(e: &Error) -> Kind {
     if e.may_have_applied() {
         Kind::Info
     } else {

@@ -177,7 +177,8 @@ async fn wait_for(
     let deadline = Instant::now() + timeout;
     let mut most = 0;
     loop {
-        let map = newest_map(client).await?;
+        // The client asks every node and keeps the newest epoch.
+        let map = client.shard_map().await?;
         let left = remaining(&map);
         most = most.max(left);
         bar.set_length(most.max(1));
@@ -200,20 +201,6 @@ async fn wait_for(
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-}
-
-/// The newest shard map any node reports.
-pub async fn newest_map(client: &Client) -> anyhow::Result<ShardMap> {
-    let table = client.refresh_map().await?;
-    let mut best = client.shard_map().await?;
-    for addr in table.nodes.values() {
-        if let Ok(st) = client.node_status(addr).await {
-            if let Some(m) = st.map.filter(|m| m.epoch > best.epoch) {
-                best = m;
-            }
-        }
-    }
-    Ok(best)
 }
 
 /// The move under way, as text.

@@ -6,7 +6,6 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 
-use super::node::newest_map;
 use super::output::{json, table};
 use super::{Cli, Format};
 
@@ -67,7 +66,7 @@ fn moving(from: u64, to: u64) -> Option<String> {
 pub async fn run(cli: &Cli) -> anyhow::Result<()> {
     let client = cli.client().await?;
     // The newest map any node has: replicas, moves, node states, peer addresses.
-    let map = newest_map(&client).await?;
+    let map = client.shard_map().await?;
     let mut shards: BTreeMap<u64, ShardOut> = BTreeMap::new();
     let empty = || (BTreeMap::new(), BTreeMap::new(), BTreeMap::new());
     let (applied, snapshot, purged) = empty();
