@@ -4,9 +4,12 @@
 //! - [`types`]: the type configuration and the [`types::Command`] a shard's log carries.
 //! - [`codec`]: bincode encoding of openraft messages and log entries.
 //! - [`network`]: the peer pool: one tonic channel per peer node shared by every group.
+//! - [`append_stream`]: a replication session's AppendEntries, with commit-only requests merged
+//!   into the next entries.
 //! - [`group`]: one Raft group on this node — creation, writes, reads, status.
 //! - [`read_batch`]: concurrent linearizable reads of a group share one ReadIndex round.
 
+pub mod append_stream;
 pub mod codec;
 pub mod group;
 pub mod network;

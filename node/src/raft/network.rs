@@ -11,20 +11,22 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
+use openraft::base::{BoxFuture, BoxStream};
 use openraft::error::{RPCError, ReplicationClosed, StreamingError, Unreachable};
-use openraft::network::{Backoff, RPCOption, RaftNetworkFactory};
+use openraft::network::{Backoff, RPCOption, RaftNetworkFactory, RaftNetworkV2};
 use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, TransferLeaderRequest,
-    TransferLeaderResponse, VoteRequest, VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, StreamAppendResult,
+    TransferLeaderRequest, TransferLeaderResponse, VoteRequest, VoteResponse,
 };
 use openraft::type_config::alias::{SnapshotOf, VoteOf};
-use openraft_multi::{GroupNetworkAdapter, GroupNetworkFactory, GroupRouter};
+use openraft_multi::{GroupNetworkFactory, GroupRouter};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use strata_proto::v1::raft_client::RaftClient;
 use strata_proto::v1::{RaftRequest, SnapshotChunk};
 use tonic::transport::{Channel, Endpoint};
 
+use super::append_stream::{CoalescingSession, COMMIT_LINGER};
 use super::codec::{decode, encode};
 use super::TypeConfig;
 use crate::layout::{GroupId, NodeSpec};
@@ -263,9 +265,103 @@ impl GroupRouter<TypeConfig, GroupId> for PeerPool {
 pub type NetworkFactory = GroupNetworkFactory<PeerPool, GroupId>;
 
 impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
-    type Network = GroupNetworkAdapter<TypeConfig, GroupId, PeerPool>;
+    type Network = GroupNetwork;
 
     async fn new_client(&mut self, target: u64, _node: &openraft::BasicNode) -> Self::Network {
-        GroupNetworkAdapter::new(self.factory.clone(), target, self.group_id)
+        GroupNetwork {
+            pool: self.factory.clone(),
+            target,
+            group: self.group_id,
+        }
+    }
+}
+
+/// One group's connection to one peer: the shared pool plus the group and target. Like
+/// openraft-multi's adapter, except that AppendEntries streams merge commit-only requests into
+/// the next entries (see [`super::append_stream`]).
+pub struct GroupNetwork {
+    pool: PeerPool,
+    target: u64,
+    group: GroupId,
+}
+
+impl RaftNetworkV2<TypeConfig> for GroupNetwork {
+    type SnapshotData = Vec<u8>;
+
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
+        self.pool
+            .append_entries(self.target, self.group, rpc, option)
+            .await
+    }
+
+    fn stream_append<'s, S>(
+        &'s mut self,
+        input: S,
+        option: RPCOption,
+    ) -> BoxFuture<
+        's,
+        Result<
+            BoxStream<'s, Result<StreamAppendResult<TypeConfig>, RPCError<TypeConfig>>>,
+            RPCError<TypeConfig>,
+        >,
+    >
+    where
+        S: futures::Stream<Item = AppendEntriesRequest<TypeConfig>> + Send + Unpin + 'static,
+    {
+        let (pool, target, group) = (self.pool.clone(), self.target, self.group);
+        let send = move |rpc| {
+            let (pool, option) = (pool.clone(), option.clone());
+            async move { pool.append_entries(target, group, rpc, option).await }
+        };
+        let responses = CoalescingSession::new(input, send, COMMIT_LINGER).into_stream();
+        Box::pin(async move { Ok(Box::pin(responses) as BoxStream<'s, _>) })
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
+        self.pool.vote(self.target, self.group, rpc, option).await
+    }
+
+    async fn pre_vote(
+        &mut self,
+        rpc: VoteRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
+        self.pool
+            .pre_vote(self.target, self.group, rpc, option)
+            .await
+    }
+
+    async fn full_snapshot(
+        &mut self,
+        vote: VoteOf<TypeConfig>,
+        snapshot: SnapshotOf<TypeConfig, Vec<u8>>,
+        cancel: impl Future<Output = ReplicationClosed> + Send + 'static,
+        option: RPCOption,
+    ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
+        self.pool
+            .full_snapshot(self.target, self.group, vote, snapshot, cancel, option)
+            .await
+    }
+
+    async fn transfer_leader(
+        &mut self,
+        req: TransferLeaderRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<TransferLeaderResponse<TypeConfig>, RPCError<TypeConfig>> {
+        self.pool
+            .transfer_leader(self.target, self.group, req, option)
+            .await
+    }
+
+    fn backoff(&self) -> Option<Backoff> {
+        GroupRouter::backoff(&self.pool)
     }
 }
