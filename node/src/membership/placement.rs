@@ -262,16 +262,18 @@ mod tests {
     use super::*;
     use crate::layout::NodeSpec;
 
+    /// An active node with made-up addresses.
+    fn node(id: u64) -> NodeSpec {
+        NodeSpec {
+            id,
+            client_addr: format!("c{id}"),
+            peer_addr: format!("p{id}"),
+            phase: NodePhase::Active,
+        }
+    }
+
     fn layout(nodes: u64, shards: u32) -> Layout {
-        let specs = (1..=nodes)
-            .map(|id| NodeSpec {
-                id,
-                client_addr: format!("c{id}"),
-                peer_addr: format!("p{id}"),
-                phase: NodePhase::Active,
-            })
-            .collect();
-        Layout::initial(specs, shards, 3)
+        Layout::initial((1..=nodes).map(node).collect(), shards, 3)
     }
 
     fn view(layout: Layout) -> View {
@@ -319,12 +321,7 @@ mod tests {
     #[test]
     fn a_new_node_receives_an_even_share_of_replicas_and_leaders() {
         let mut l = layout(3, 8);
-        l.nodes.push(NodeSpec {
-            id: 4,
-            client_addr: "c4".into(),
-            peer_addr: "p4".into(),
-            phase: NodePhase::Active,
-        });
+        l.nodes.push(node(4));
         let mut v = view(l);
         let actions = settle(&mut v);
         for n in 1..=4 {
@@ -350,12 +347,7 @@ mod tests {
     #[test]
     fn a_dead_node_gets_no_replicas() {
         let mut l = layout(3, 8);
-        l.nodes.push(NodeSpec {
-            id: 4,
-            client_addr: "c4".into(),
-            peer_addr: "p4".into(),
-            phase: NodePhase::Active,
-        });
+        l.nodes.push(node(4));
         let mut v = view(l);
         v.alive.remove(&4);
         assert_eq!(next_action(&v), None);
