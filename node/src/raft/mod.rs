@@ -4,6 +4,7 @@
 //! - [`types`]: the type configuration and the [`types::Command`] a shard's log carries.
 //! - [`codec`]: bincode encoding of openraft messages and log entries.
 //! - [`network`]: the peer pool: one tonic channel per peer node shared by every group.
+//! - [`peer_link`]: the AppendEntries of every group bound for one peer, on one gRPC stream.
 //! - [`append_stream`]: a replication session's AppendEntries, with commit-only requests merged
 //!   into the next entries.
 //! - [`group`]: one Raft group on this node — creation, writes, reads, status.
@@ -13,6 +14,7 @@ pub mod append_stream;
 pub mod codec;
 pub mod group;
 pub mod network;
+pub mod peer_link;
 pub mod read_batch;
 pub mod types;
 

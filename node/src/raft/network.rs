@@ -1,6 +1,8 @@
 //! The peer pool: one lazily-connected tonic channel per peer node, shared by every Raft group
 //! (openraft-multi's `GroupRouter`). Each RPC names its group; openraft's messages travel as
-//! bincode payloads, and the reply is the bincode of `Result<Response, String>`.
+//! bincode payloads, and the reply is the bincode of `Result<Response, String>`. AppendEntries of
+//! all groups share one stream per peer ([`super::peer_link`]); votes, leader transfers and
+//! snapshots are calls of their own.
 //!
 //! Outgoing connections bind to the node's peer IP, so that with one loopback address per node a
 //! partition is a plain firewall rule between two addresses.
@@ -28,6 +30,7 @@ use tonic::transport::{Channel, Endpoint};
 
 use super::append_stream::{CoalescingSession, COMMIT_LINGER};
 use super::codec::{decode, encode};
+use super::peer_link::PeerLink;
 use super::TypeConfig;
 use crate::layout::{GroupId, NodeSpec};
 
@@ -45,6 +48,8 @@ struct PoolInner {
     addrs: RwLock<HashMap<u64, String>>,
     /// One client per peer, created on first use; tonic reconnects it as needed.
     clients: Mutex<HashMap<u64, RaftClient<Channel>>>,
+    /// One AppendEntries stream per peer, over that peer's client, created on first use.
+    links: Mutex<HashMap<u64, PeerLink>>,
     /// Local IP outgoing connections bind to (`None`: any).
     bind_ip: Option<IpAddr>,
     /// gRPC message size limit.
@@ -54,7 +59,6 @@ struct PoolInner {
 /// Which peer RPC to call.
 #[derive(Clone, Copy, Debug)]
 enum Rpc {
-    Append,
     Vote,
     PreVote,
     TransferLeader,
@@ -68,6 +72,7 @@ impl PeerPool {
             inner: Arc::new(PoolInner {
                 addrs: RwLock::new(addrs),
                 clients: Mutex::new(HashMap::new()),
+                links: Mutex::new(HashMap::new()),
                 bind_ip,
                 max_message,
             }),
@@ -119,6 +124,25 @@ impl PeerPool {
             .max_encoding_message_size(self.inner.max_message))
     }
 
+    /// The AppendEntries stream to node `target`.
+    fn link(&self, target: u64) -> Result<PeerLink, Unreachable<TypeConfig>> {
+        if let Some(link) = self
+            .inner
+            .links
+            .lock()
+            .expect("links poisoned")
+            .get(&target)
+        {
+            return Ok(link.clone());
+        }
+        let client = self.client(target)?;
+        let mut links = self.inner.links.lock().expect("links poisoned");
+        let link = links
+            .entry(target)
+            .or_insert_with(|| PeerLink::spawn(client, target));
+        Ok(link.clone())
+    }
+
     /// The pooled client of node `target`, for the placement driver's calls.
     pub fn peer(&self, target: u64) -> Result<RaftClient<Channel>, String> {
         self.client(target).map_err(|e| e.to_string())
@@ -139,7 +163,6 @@ impl PeerPool {
         });
         request.set_timeout(option.hard_ttl());
         let reply = match rpc {
-            Rpc::Append => client.append_entries(request).await,
             Rpc::Vote => client.vote(request).await,
             Rpc::PreVote => client.pre_vote(request).await,
             Rpc::TransferLeader => client.transfer_leader(request).await,
@@ -175,8 +198,16 @@ impl GroupRouter<TypeConfig, GroupId> for PeerPool {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
-        self.call(target, group_id, Rpc::Append, &rpc, &option)
+        let answer = self
+            .link(target)?
+            .call(group_id, encode(&rpc).into(), option.hard_ttl())
             .await
+            .map_err(|e| {
+                RPCError::Unreachable(Unreachable::from_string(format!(
+                    "AppendEntries to node {target}: {e}"
+                )))
+            })?;
+        decode_reply(&answer)
     }
 
     async fn vote(

@@ -3,25 +3,52 @@
 
 use std::sync::Arc;
 
-use futures::StreamExt;
+use std::pin::Pin;
+
+use futures::{Stream, StreamExt};
 use openraft::type_config::alias::{SnapshotMetaOf, VoteOf};
 use std::future::Future;
+use tokio::sync::mpsc;
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use strata_proto::v1::raft_server::Raft;
 use strata_proto::v1::{
-    AdminReply, LayoutExchange, RaftReply, RaftRequest, SetVotersRequest, SnapshotChunk,
-    TransferLeadershipRequest,
+    AdminReply, AppendAnswer, AppendBatch, AppendBatchReply, LayoutExchange, RaftReply,
+    RaftRequest, SetVotersRequest, SnapshotChunk, TransferLeadershipRequest,
 };
 use tonic::{Request, Response, Status, Streaming};
 
 use super::NodeState;
-use crate::layout::{Layout, NodePhase, NodeSpec};
+use crate::layout::{GroupId, Layout, NodePhase, NodeSpec};
 use crate::membership::driver::{describe, CATCH_UP, TRANSFER_TIMEOUT};
 use crate::membership::reconcile;
 use crate::raft::codec::{decode, encode};
 use crate::raft::{Group, TypeConfig};
+
+/// The answers of one AppendEntries stream.
+type AnswerStream = Pin<Box<dyn Stream<Item = Result<AppendBatchReply, Status>> + Send>>;
+
+/// Runs one AppendEntries for `group`; the bincode of `Result<AppendEntriesResponse, String>`,
+/// an `Err` when the group is not here or the payload does not decode.
+async fn append_one(node: &NodeState, group: GroupId, payload: &[u8]) -> Vec<u8> {
+    let Some(g) = node.groups.get(group) else {
+        return encode(&Err::<(), String>(format!(
+            "group {group} is not hosted on node {}",
+            node.id()
+        )));
+    };
+    let rpc = match decode(payload) {
+        Ok(rpc) => rpc,
+        Err(e) => return encode(&Err::<(), String>(format!("undecodable raft payload: {e}"))),
+    };
+    let result = g
+        .raft()
+        .append_entries(rpc)
+        .await
+        .map_err(|e| e.to_string());
+    encode(&result)
+}
 
 /// The `Raft` gRPC service.
 pub struct TransportService {
@@ -79,15 +106,42 @@ impl TransportService {
 
 #[tonic::async_trait]
 impl Raft for TransportService {
+    type AppendEntriesStream = AnswerStream;
+
+    /// One peer's AppendEntries of every group (see [`crate::raft::peer_link`]): each request is
+    /// handed to its group as it arrives; answers go back in completion order, those ready
+    /// together in one message.
     async fn append_entries(
         &self,
-        req: Request<RaftRequest>,
-    ) -> Result<Response<RaftReply>, Status> {
-        self.dispatch(
-            req,
-            |g, rpc| async move { g.raft().append_entries(rpc).await },
-        )
-        .await
+        req: Request<Streaming<AppendBatch>>,
+    ) -> Result<Response<AnswerStream>, Status> {
+        let mut requests = req.into_inner();
+        let (answer, answers) = mpsc::unbounded_channel::<AppendAnswer>();
+        let node = self.node.clone();
+        tokio::spawn(async move {
+            while let Ok(Some(batch)) = requests.message().await {
+                for item in batch.items {
+                    let (node, answer) = (node.clone(), answer.clone());
+                    tokio::spawn(async move {
+                        let payload = append_one(&node, item.group_id, &item.payload).await;
+                        // The stream may be gone; the peer then treats the request as lost.
+                        let _ = answer.send(AppendAnswer {
+                            seq: item.seq,
+                            payload: payload.into(),
+                        });
+                    });
+                }
+            }
+        });
+        let replies = futures::stream::unfold(answers, |mut answers| async move {
+            let first = answers.recv().await?;
+            let mut batch = vec![first];
+            while let Ok(more) = answers.try_recv() {
+                batch.push(more);
+            }
+            Some((Ok(AppendBatchReply { answers: batch }), answers))
+        });
+        Ok(Response::new(Box::pin(replies)))
     }
 
     async fn vote(&self, req: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
