@@ -126,21 +126,13 @@ impl PeerPool {
 
     /// The AppendEntries stream to node `target`.
     fn link(&self, target: u64) -> Result<PeerLink, Unreachable<TypeConfig>> {
-        if let Some(link) = self
-            .inner
-            .links
-            .lock()
-            .expect("links poisoned")
-            .get(&target)
-        {
+        let mut links = self.inner.links.lock().expect("links poisoned");
+        if let Some(link) = links.get(&target) {
             return Ok(link.clone());
         }
-        let client = self.client(target)?;
-        let mut links = self.inner.links.lock().expect("links poisoned");
-        let link = links
-            .entry(target)
-            .or_insert_with(|| PeerLink::spawn(client, target));
-        Ok(link.clone())
+        let link = PeerLink::spawn(self.client(target)?);
+        links.insert(target, link.clone());
+        Ok(link)
     }
 
     /// The pooled client of node `target`, for the placement driver's calls.

@@ -49,11 +49,11 @@ pub struct PeerLink {
 }
 
 impl PeerLink {
-    /// A link to the peer behind `client` (node `target`, for error messages). The stream is
-    /// opened on the first request and reopened on the next request after it breaks.
-    pub fn spawn(client: RaftClient<Channel>, target: u64) -> PeerLink {
+    /// A link to the peer behind `client`. The stream is opened on the first request and
+    /// reopened on the next request after it breaks.
+    pub fn spawn(client: RaftClient<Channel>) -> PeerLink {
         let (calls, queue) = mpsc::unbounded_channel();
-        tokio::spawn(run(client, target, queue));
+        tokio::spawn(run(client, queue));
         PeerLink { calls }
     }
 
@@ -82,7 +82,7 @@ impl PeerLink {
 
 /// The link's task: opens the stream when there is something to send, then forwards batches and
 /// routes answers until the stream breaks, then waits for the next request.
-async fn run(client: RaftClient<Channel>, target: u64, mut queue: mpsc::UnboundedReceiver<Call>) {
+async fn run(client: RaftClient<Channel>, mut queue: mpsc::UnboundedReceiver<Call>) {
     while let Some(first) = queue.recv().await {
         let mut stream = Stream::default();
         let batch = stream.batch(first, &mut queue);
@@ -100,19 +100,16 @@ async fn run(client: RaftClient<Channel>, target: u64, mut queue: mpsc::Unbounde
         let mut answers = match opened {
             Ok(Ok(response)) => response.into_inner(),
             Ok(Err(status)) => {
-                stream.fail_all(&format!("stream to node {target}: {status}"));
+                stream.fail_all(&format!("stream not opened: {status}"));
                 continue;
             }
             Err(_) => {
-                stream.fail_all(&format!(
-                    "stream to node {target}: not accepted within {OPEN_TIMEOUT:?}"
-                ));
+                stream.fail_all(&format!("stream not accepted within {OPEN_TIMEOUT:?}"));
                 continue;
             }
         };
-        let why = stream.serve(&mut queue, &out, &mut answers).await;
-        match why {
-            Some(why) => stream.fail_all(&format!("stream to node {target}: {why}")),
+        match stream.serve(&mut queue, &out, &mut answers).await {
+            Some(why) => stream.fail_all(&format!("stream broken: {why}")),
             None => return,
         }
     }

@@ -1,15 +1,12 @@
 //! The peer side of the Raft transport: decodes each request, hands it to the named group's
 //! openraft instance, and encodes `Result<Response, String>` back.
 
-use std::sync::Arc;
-
+use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 
 use futures::{Stream, StreamExt};
 use openraft::type_config::alias::{SnapshotMetaOf, VoteOf};
-use std::future::Future;
-use tokio::sync::mpsc;
-
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use strata_proto::v1::raft_server::Raft;
@@ -17,6 +14,7 @@ use strata_proto::v1::{
     AdminReply, AppendAnswer, AppendBatch, AppendBatchReply, LayoutExchange, RaftReply,
     RaftRequest, SetVotersRequest, SnapshotChunk, TransferLeadershipRequest,
 };
+use tokio::sync::mpsc;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::NodeState;
@@ -28,27 +26,6 @@ use crate::raft::{Group, TypeConfig};
 
 /// The answers of one AppendEntries stream.
 type AnswerStream = Pin<Box<dyn Stream<Item = Result<AppendBatchReply, Status>> + Send>>;
-
-/// Runs one AppendEntries for `group`; the bincode of `Result<AppendEntriesResponse, String>`,
-/// an `Err` when the group is not here or the payload does not decode.
-async fn append_one(node: &NodeState, group: GroupId, payload: &[u8]) -> Vec<u8> {
-    let Some(g) = node.groups.get(group) else {
-        return encode(&Err::<(), String>(format!(
-            "group {group} is not hosted on node {}",
-            node.id()
-        )));
-    };
-    let rpc = match decode(payload) {
-        Ok(rpc) => rpc,
-        Err(e) => return encode(&Err::<(), String>(format!("undecodable raft payload: {e}"))),
-    };
-    let result = g
-        .raft()
-        .append_entries(rpc)
-        .await
-        .map_err(|e| e.to_string());
-    encode(&result)
-}
 
 /// The `Raft` gRPC service.
 pub struct TransportService {
@@ -62,19 +39,24 @@ impl TransportService {
     }
 
     fn group(&self, id: u64) -> Result<Arc<Group>, Status> {
-        self.node.groups.get(id).ok_or_else(|| {
-            Status::not_found(format!(
-                "group {id} is not hosted on node {}",
-                self.node.id()
-            ))
-        })
+        hosted_group(&self.node, id)
     }
 }
 
+fn hosted_group(node: &NodeState, id: GroupId) -> Result<Arc<Group>, Status> {
+    node.groups
+        .get(id)
+        .ok_or_else(|| Status::not_found(format!("group {id} is not hosted on node {}", node.id())))
+}
+
+/// The bincode of `r` as `Result<T, String>`, the shape every peer reply carries.
+fn encode_result<T: Serialize, E: std::fmt::Display>(r: Result<T, E>) -> Vec<u8> {
+    encode(&r.map_err(|e| e.to_string()))
+}
+
 fn reply<T: Serialize, E: std::fmt::Display>(r: Result<T, E>) -> Response<RaftReply> {
-    let r: Result<T, String> = r.map_err(|e| e.to_string());
     Response::new(RaftReply {
-        payload: encode(&r).into(),
+        payload: encode_result(r).into(),
     })
 }
 
@@ -82,9 +64,38 @@ fn bad_payload(e: std::io::Error) -> Status {
     Status::invalid_argument(format!("undecodable raft payload: {e}"))
 }
 
+/// Decodes `payload` for group `group_id`, runs `handle` on the group's openraft instance, and
+/// encodes the result; `Err` when the group is not here or the payload does not decode.
+async fn run_on_group<Req, Resp, E, F, Fut>(
+    node: &NodeState,
+    group_id: GroupId,
+    payload: &[u8],
+    handle: F,
+) -> Result<Vec<u8>, Status>
+where
+    Req: DeserializeOwned,
+    Resp: Serialize,
+    E: std::fmt::Display,
+    F: FnOnce(Arc<Group>, Req) -> Fut,
+    Fut: Future<Output = Result<Resp, E>>,
+{
+    let group = hosted_group(node, group_id)?;
+    let rpc = decode(payload).map_err(bad_payload)?;
+    Ok(encode_result(handle(group, rpc).await))
+}
+
+/// Runs one AppendEntries of a stream; a group that is not here or an undecodable payload is an
+/// `Err` answer (the stream carries no per-item status).
+async fn append_one(node: &NodeState, group_id: GroupId, payload: &[u8]) -> Vec<u8> {
+    run_on_group(node, group_id, payload, |g, rpc| async move {
+        g.raft().append_entries(rpc).await
+    })
+    .await
+    .unwrap_or_else(|status| encode_result::<(), _>(Err(status.message())))
+}
+
 impl TransportService {
-    /// Decodes a request for its group, runs `handle` on the group's openraft instance, and
-    /// encodes the result.
+    /// Runs a unary request on its group.
     async fn dispatch<Req, Resp, E, F, Fut>(
         &self,
         req: Request<RaftRequest>,
@@ -98,9 +109,10 @@ impl TransportService {
         Fut: Future<Output = Result<Resp, E>>,
     {
         let req = req.into_inner();
-        let group = self.group(req.group_id)?;
-        let rpc = decode(&req.payload).map_err(bad_payload)?;
-        Ok(reply(handle(group, rpc).await))
+        let payload = run_on_group(&self.node, req.group_id, &req.payload, handle).await?;
+        Ok(Response::new(RaftReply {
+            payload: payload.into(),
+        }))
     }
 }
 
