@@ -14,10 +14,10 @@ use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tonic::transport::{Channel, Endpoint};
 
-use crate::coalesce::{PendingPut, PutCoalescer};
+use crate::coalesce::{CoalescedBatch, PendingPut, PutCoalescer};
 use crate::error::{classify, Error, Verdict};
 use crate::route::{LeaderCache, RouteTable};
-use crate::session::Session;
+use crate::session::{Session, Ticket};
 
 pub use strata_proto::v1::Consistency;
 
@@ -35,6 +35,23 @@ fn unknown_node(node: u64, epoch: u64) -> tonic::Status {
         format!("node {node} is not in shard map epoch {epoch}"),
         details.encode_to_vec().into(),
     )
+}
+
+/// One batch's outcome from a `MultiBatch` answer, as the status its own `Batch` call would
+/// have returned, so that the usual retry rules apply to it.
+fn batch_outcome(r: pb::BatchResult) -> Result<pb::BatchResponse, tonic::Status> {
+    use prost::Message;
+    match r.result {
+        Some(pb::batch_result::Result::Ok(ok)) => Ok(ok),
+        Some(pb::batch_result::Result::Failed(f)) => Err(tonic::Status::with_details(
+            tonic::Code::from(f.code),
+            f.message,
+            f.details.unwrap_or_default().encode_to_vec().into(),
+        )),
+        None => Err(tonic::Status::internal(
+            "a MultiBatch result holds no outcome",
+        )),
+    }
 }
 
 /// After the first node answers a shard-map request, how long the others get.
@@ -152,7 +169,7 @@ impl ClientBuilder {
         let client = Client {
             inner: Arc::new(Inner {
                 config: self,
-                session: Session::new(),
+                session: Arc::new(Session::new()),
                 puts: PutCoalescer::default(),
                 channels: Mutex::new(HashMap::new()),
                 table: RwLock::new(None),
@@ -173,8 +190,8 @@ pub struct Client {
 #[derive(Debug)]
 struct Inner {
     config: ClientBuilder,
-    session: Session,
-    /// Puts waiting to be sent together, per shard.
+    session: Arc<Session>,
+    /// Puts waiting to be sent together, per node and shard.
     puts: PutCoalescer,
     /// One channel per node address. `std` locks: never held across an await.
     channels: Mutex<HashMap<String, Channel>>,
@@ -312,10 +329,21 @@ impl Client {
 
     /// Runs `call` against the right node for `target`, retrying per the error table until the
     /// deadline. `is_write` makes transport failures count as "may have applied".
-    async fn run<T, F, Fut>(
+    async fn run<T, F, Fut>(&self, target: Target<'_>, is_write: bool, call: F) -> Result<T, Error>
+    where
+        F: FnMut(KvClient<Channel>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        self.run_from(target, is_write, None, call).await
+    }
+
+    /// [`run`](Self::run), when the first attempt already happened elsewhere (a batch of a
+    /// `MultiBatch` call): `first` is the node it went to and its outcome.
+    async fn run_from<T, F, Fut>(
         &self,
         target: Target<'_>,
         is_write: bool,
+        mut first: Option<(u64, Result<T, tonic::Status>)>,
         mut call: F,
     ) -> Result<T, Error>
     where
@@ -339,25 +367,18 @@ impl Client {
                     .cloned()
                     .ok_or_else(|| Error::InvalidArgument(format!("unknown shard {id}")))?,
             };
-            let node = self.inner.leaders.lock().expect("leaders poisoned").pick(
-                shard.id,
-                &shard.replicas,
-                attempt,
-            );
-            attempt += 1;
-            let addr = table.nodes.get(&node).cloned();
-            let outcome = match addr.map(|a| self.channel(&a)) {
-                // The node (a leader hint) joined after this map was loaded: reload it.
-                None => Err(unknown_node(node, table.epoch)),
-                Some(Ok(ch)) => {
-                    let fut = call(KvClient::new(ch));
-                    match tokio::time::timeout(self.inner.config.attempt_timeout, fut).await {
-                        Ok(r) => r.map(|r| r.into_inner()),
-                        Err(_) => Err(tonic::Status::deadline_exceeded("attempt timed out")),
-                    }
+            let (node, outcome) = match first.take() {
+                Some(done) => done,
+                None => {
+                    let node = self.inner.leaders.lock().expect("leaders poisoned").pick(
+                        shard.id,
+                        &shard.replicas,
+                        attempt,
+                    );
+                    (node, self.attempt(&table, node, &mut call).await)
                 }
-                Some(Err(e)) => Err(tonic::Status::unavailable(e.to_string())),
             };
+            attempt += 1;
             let status = match outcome {
                 Ok(v) => {
                     let mut leaders = self.inner.leaders.lock().expect("leaders poisoned");
@@ -437,6 +458,31 @@ impl Client {
         }
     }
 
+    /// One attempt: `call` against `node`, bounded by the attempt timeout.
+    async fn attempt<T, F, Fut>(
+        &self,
+        table: &RouteTable,
+        node: u64,
+        call: F,
+    ) -> Result<T, tonic::Status>
+    where
+        F: FnOnce(KvClient<Channel>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let Some(addr) = table.nodes.get(&node) else {
+            // The node (a leader hint) joined after this map was loaded: reload it.
+            return Err(unknown_node(node, table.epoch));
+        };
+        let ch = self
+            .channel(addr)
+            .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+        match tokio::time::timeout(self.inner.config.attempt_timeout, call(KvClient::new(ch))).await
+        {
+            Ok(r) => r.map(|r| r.into_inner()),
+            Err(_) => Err(tonic::Status::deadline_exceeded("attempt timed out")),
+        }
+    }
+
     /// Reads `key` linearizably.
     pub async fn get(&self, key: impl Into<Bytes>) -> Result<Option<Record>, Error> {
         self.get_with(key, Consistency::Linearizable).await
@@ -466,58 +512,124 @@ impl Client {
         }))
     }
 
-    /// Sets `key` to `value`; returns the new version. Concurrent puts of this client to one
-    /// shard may travel together in one atomic batch (see the `coalesce` module); each still
-    /// behaves as a separate put.
+    /// Sets `key` to `value`; returns the new version. Concurrent puts of this client may travel
+    /// together: one atomic batch per shard, the batches for one node in one call (see the
+    /// `coalesce` module); each still behaves as a separate put.
     pub async fn put(&self, key: impl Into<Bytes>, value: impl Into<Bytes>) -> Result<u64, Error> {
         let key: Bytes = key.into();
         let value: Bytes = value.into();
         let Some(table) = self.table().filter(|_| self.inner.config.coalesce_puts) else {
             return self.put_one(key, value).await;
         };
-        let shard = table.shard_for_key(&key).id;
+        let shard = table.shard_for_key(&key);
+        let node =
+            self.inner
+                .leaders
+                .lock()
+                .expect("leaders poisoned")
+                .pick(shard.id, &shard.replicas, 0);
         let (reply, result) = oneshot::channel();
         if self
             .inner
             .puts
-            .enqueue(shard, PendingPut { key, value, reply })
+            .enqueue(node, shard.id, PendingPut { key, value, reply })
         {
             let client = self.clone();
-            tokio::spawn(async move { client.send_puts(shard).await });
+            tokio::spawn(async move { client.send_waves(node).await });
         }
         result
             .await
             .unwrap_or_else(|_| Err(Error::Server("put sender stopped".into())))
     }
 
-    /// A sender of coalesced puts for `shard`: sends batches until none waits.
-    async fn send_puts(&self, shard: u64) {
-        while let Some(batch) = self.inner.puts.next_batch(shard) {
-            if batch.len() == 1 {
-                let p = batch.into_iter().next().expect("one put");
-                let _ = p.reply.send(self.put_one(p.key, p.value).await);
-                continue;
-            }
-            let ops = batch
-                .iter()
-                .map(|p| BatchOp::Put(p.key.clone(), p.value.clone()))
+    /// The sender of coalesced puts to `node`: sends waves, one at a time, until none waits. A
+    /// batch whose first attempt failed is retried in a task of its own, so one shard's trouble
+    /// does not hold up the node's next wave.
+    async fn send_waves(&self, node: u64) {
+        while let Some(wave) = self.inner.puts.next_wave(node) {
+            let batches: Vec<CoalescedBatch> = wave
+                .into_iter()
+                .map(|(_, puts)| CoalescedBatch::new(puts, self.inner.session.begin()))
                 .collect();
-            match self.batch(ops).await {
-                Ok(version) => {
-                    for p in batch {
-                        let _ = p.reply.send(Ok(version));
-                    }
+            let outcomes = self.multi_batch(node, &batches).await;
+            for (batch, first) in batches.into_iter().zip(outcomes) {
+                if first.is_ok() {
+                    self.finish_batch(batch, node, first).await;
+                } else {
+                    let client = self.clone();
+                    tokio::spawn(async move { client.finish_batch(batch, node, first).await });
                 }
-                // Nothing was applied: send each put alone so only a bad one fails.
-                Err(Error::InvalidArgument(_)) => {
-                    for p in batch {
-                        let _ = p.reply.send(self.put_one(p.key, p.value).await);
-                    }
-                }
+            }
+        }
+    }
+
+    /// Sends `batches` to `node` in one `MultiBatch` call: one outcome per batch, each the
+    /// status its own `Batch` call would have had (the call's own failure for all of them).
+    async fn multi_batch(
+        &self,
+        node: u64,
+        batches: &[CoalescedBatch],
+    ) -> Vec<Result<pb::BatchResponse, tonic::Status>> {
+        let req = pb::MultiBatchRequest {
+            batches: batches.iter().map(CoalescedBatch::request).collect(),
+        };
+        let table = match self.table() {
+            Some(t) => t,
+            None => match self.refresh_map().await {
+                Ok(t) => t,
                 Err(e) => {
-                    for p in batch {
-                        let _ = p.reply.send(Err(e.clone()));
-                    }
+                    return vec![Err(tonic::Status::unavailable(e.to_string())); batches.len()]
+                }
+            },
+        };
+        let results = match self
+            .attempt(
+                &table,
+                node,
+                |mut c| async move { c.multi_batch(req).await },
+            )
+            .await
+        {
+            Ok(r) if r.results.len() == batches.len() => r.results,
+            Ok(r) => {
+                let wrong = tonic::Status::internal(format!(
+                    "node {node} answered {} results for {} batches",
+                    r.results.len(),
+                    batches.len()
+                ));
+                return vec![Err(wrong); batches.len()];
+            }
+            Err(status) => return vec![Err(status); batches.len()],
+        };
+        results.into_iter().map(batch_outcome).collect()
+    }
+
+    /// Completes a coalesced batch from its first outcome: retries it (same request id) if that
+    /// failed, then answers its puts.
+    async fn finish_batch(
+        &self,
+        batch: CoalescedBatch,
+        node: u64,
+        first: Result<pb::BatchResponse, tonic::Status>,
+    ) {
+        let result = self
+            .send_batch(&batch.ops, &batch.ticket, Some((node, first)))
+            .await;
+        match result {
+            Ok(version) => {
+                for p in batch.puts {
+                    let _ = p.reply.send(Ok(version));
+                }
+            }
+            // Nothing was applied: send each put alone so only a bad one fails.
+            Err(Error::InvalidArgument(_)) => {
+                for p in batch.puts {
+                    let _ = p.reply.send(self.put_one(p.key, p.value).await);
+                }
+            }
+            Err(e) => {
+                for p in batch.puts {
+                    let _ = p.reply.send(Err(e.clone()));
                 }
             }
         }
@@ -587,10 +699,9 @@ impl Client {
     /// Applies `ops` atomically; all keys must be in one shard (use a common hash tag).
     /// Returns the batch's version.
     pub async fn batch(&self, ops: Vec<BatchOp>) -> Result<u64, Error> {
-        let first = match ops.first() {
-            Some(BatchOp::Put(k, _)) | Some(BatchOp::Delete(k)) => k.clone(),
-            None => return Err(Error::InvalidArgument("batch is empty".into())),
-        };
+        if ops.is_empty() {
+            return Err(Error::InvalidArgument("batch is empty".into()));
+        }
         let wire: Vec<pb::BatchOp> = ops
             .into_iter()
             .map(|op| match op {
@@ -607,10 +718,24 @@ impl Client {
             })
             .collect();
         let ticket = self.inner.session.begin();
+        self.send_batch(&wire, &ticket, None).await
+    }
+
+    /// Runs the batch `ops` under `ticket`'s request id (the retry loop of [`batch`](Self::batch),
+    /// optionally after a first attempt made elsewhere). Returns the batch's version.
+    async fn send_batch(
+        &self,
+        ops: &[pb::BatchOp],
+        ticket: &Ticket,
+        first: Option<(u64, Result<pb::BatchResponse, tonic::Status>)>,
+    ) -> Result<u64, Error> {
+        let Some(key) = ops.first().map(|op| op.key.clone()) else {
+            return Err(Error::InvalidArgument("batch is empty".into()));
+        };
         let r = self
-            .run(Target::Key(&first), true, |mut c| {
+            .run_from(Target::Key(&key), true, first, |mut c| {
                 let req = pb::BatchRequest {
-                    ops: wire.clone(),
+                    ops: ops.to_vec(),
                     request_id: Some(ticket.request_id()),
                 };
                 async move { c.batch(req).await }

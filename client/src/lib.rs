@@ -15,7 +15,8 @@
 //! - [`session`]: request ids — one client id per [`Client`], a sequence per write, and the
 //!   acknowledged floor that lets servers forget finished writes.
 //! - [`client`]: [`Client`], [`ClientBuilder`] and the operations, with retries within a deadline.
-//! - `coalesce`: concurrent puts to one shard share one atomic batch request.
+//! - `coalesce`: concurrent puts to one shard share one atomic batch, and the batches for the
+//!   shards one node leads share one `MultiBatch` call.
 //! - `admin`: membership requests (`add_node`, `remove_node`) sent to the meta leader.
 //!
 //! Retries: a request that meets `NotLeader`, `WrongShard`, an unavailable shard or a lost

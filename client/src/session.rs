@@ -4,7 +4,7 @@
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use strata_proto::v1::RequestId;
 
@@ -18,10 +18,11 @@ pub struct Session {
     in_flight: Mutex<BTreeSet<u64>>,
 }
 
-/// One write's sequence; finishes it when dropped (whatever the outcome).
+/// One write's sequence; finishes it when dropped (whatever the outcome). Owns a handle on its
+/// session so that a write can be retried from a task of its own.
 #[derive(Debug)]
-pub struct Ticket<'a> {
-    session: &'a Session,
+pub struct Ticket {
+    session: Arc<Session>,
     sequence: u64,
 }
 
@@ -46,14 +47,14 @@ impl Session {
     }
 
     /// Starts a write: takes the next sequence and marks it in flight.
-    pub fn begin(&self) -> Ticket<'_> {
+    pub fn begin(self: &Arc<Self>) -> Ticket {
         let sequence = self.next.fetch_add(1, Ordering::Relaxed);
         self.in_flight
             .lock()
             .expect("session poisoned")
             .insert(sequence);
         Ticket {
-            session: self,
+            session: Arc::clone(self),
             sequence,
         }
     }
@@ -65,7 +66,7 @@ impl Default for Session {
     }
 }
 
-impl Ticket<'_> {
+impl Ticket {
     /// The request id to send now (the floor moves as other writes finish).
     pub fn request_id(&self) -> RequestId {
         let floor = self
@@ -84,7 +85,7 @@ impl Ticket<'_> {
     }
 }
 
-impl Drop for Ticket<'_> {
+impl Drop for Ticket {
     fn drop(&mut self) {
         self.session
             .in_flight
@@ -100,7 +101,7 @@ mod tests {
 
     #[test]
     fn floor_is_the_oldest_write_in_flight() {
-        let s = Session::with_client_id(9);
+        let s = Arc::new(Session::with_client_id(9));
         let a = s.begin();
         let b = s.begin();
         assert_eq!(b.request_id().acked_below, a.request_id().sequence);

@@ -16,6 +16,10 @@ pub struct Limits {
     pub max_message_bytes: usize,
 }
 
+/// Most batches in one `MultiBatch` call. A client sends one per shard the node leads, so this
+/// only stops a caller from starting thousands of proposals with one message.
+pub const MAX_MULTI_BATCHES: usize = 1024;
+
 impl Default for Limits {
     fn default() -> Self {
         Limits {
@@ -68,6 +72,21 @@ impl Limits {
         }
         Ok(())
     }
+
+    /// A multi-batch holds 1..=[`MAX_MULTI_BATCHES`] batches.
+    pub fn check_multi_batch_len(&self, batches: usize) -> Result<(), KvError> {
+        if batches == 0 {
+            return Err(KvError::InvalidArgument(
+                "multi-batch holds no batches".into(),
+            ));
+        }
+        if batches > MAX_MULTI_BATCHES {
+            return Err(KvError::InvalidArgument(format!(
+                "multi-batch holds {batches} batches, the limit is {MAX_MULTI_BATCHES}"
+            )));
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -87,5 +106,8 @@ mod tests {
         assert!(l.check_batch_len(128).is_ok());
         assert!(l.check_batch_len(129).is_err());
         assert!(l.check_batch_len(0).is_err());
+        assert!(l.check_multi_batch_len(1).is_ok());
+        assert!(l.check_multi_batch_len(0).is_err());
+        assert!(msg(l.check_multi_batch_len(1025).unwrap_err()).contains("1024"));
     }
 }

@@ -11,7 +11,10 @@ use bytes::Bytes;
 use common::{phase, put_all, Acked, TestCluster};
 use strata_client::{BatchOp, Error, ScanOptions};
 use strata_proto::v1::kv_client::KvClient;
-use strata_proto::v1::{BatchOp as PbBatchOp, BatchRequest, PutRequest, RequestId, ScanRequest};
+use strata_proto::v1::{
+    batch_result, BatchOp as PbBatchOp, BatchRequest, MultiBatchRequest, PutRequest, RequestId,
+    ScanRequest,
+};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acked_writes_survive_leader_kill_and_restarted_node_catches_up() {
@@ -259,6 +262,118 @@ async fn bad_input_is_rejected_with_a_reason_and_writes_nothing() {
         .expect("same-tag batch is one shard");
     let r = client.get("{user:2}:age").await.unwrap().unwrap();
     assert_eq!(r.version, batch_version);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn multi_batch_runs_each_batch_on_its_own() {
+    let tc = TestCluster::start(3, 8).await;
+    let client = tc.client().await;
+    let table = client.route_table().unwrap();
+    let shard_of = |k: &str| table.shard_for_key(k.as_bytes()).id;
+    let here = tc
+        .leader_of(&client, shard_of("{here}"))
+        .await
+        .expect("leader");
+    let mut kv = KvClient::connect(format!("http://{}", tc.client_addr(here)))
+        .await
+        .unwrap();
+    // A key of a shard that another node leads.
+    let mut elsewhere = None;
+    for i in 0..64 {
+        let k = format!("{{other:{i}}}");
+        if tc
+            .leader_of(&client, shard_of(&k))
+            .await
+            .is_some_and(|l| l != here)
+        {
+            elsewhere = Some(k);
+            break;
+        }
+    }
+    let elsewhere = elsewhere.expect("some shard is led by another node");
+    let (a, b) = distinct_shard_keys(&client);
+    let op = |k: &str, v: &str| PbBatchOp {
+        key: Bytes::copy_from_slice(k.as_bytes()),
+        value: Bytes::copy_from_slice(v.as_bytes()),
+        delete: false,
+    };
+    let id = |sequence| {
+        Some(RequestId {
+            client_id: 77,
+            sequence,
+            acked_below: 1,
+        })
+    };
+    let batch = |ops, sequence| BatchRequest {
+        ops,
+        request_id: id(sequence),
+    };
+    let multi = MultiBatchRequest {
+        batches: vec![
+            batch(vec![op("{here}:1", "x"), op("{here}:2", "y")], 1),
+            batch(vec![op(&a, "1"), op(&b, "2")], 2),
+            batch(vec![op("", "empty key")], 3),
+            batch(vec![op(&format!("{elsewhere}:k"), "v")], 4),
+            BatchRequest {
+                ops: vec![op("{here}:3", "no id")],
+                request_id: None,
+            },
+        ],
+    };
+
+    phase("one call, five batches: each gets its own outcome");
+    let results = kv
+        .multi_batch(multi.clone())
+        .await
+        .unwrap()
+        .into_inner()
+        .results;
+    assert_eq!(results.len(), 5);
+    let version = match &results[0].result {
+        Some(batch_result::Result::Ok(ok)) => ok.version,
+        other => panic!("the good batch failed: {other:?}"),
+    };
+    let failed = |i: usize| match &results[i].result {
+        Some(batch_result::Result::Failed(f)) => f.clone(),
+        other => panic!("batch {i} should have failed: {other:?}"),
+    };
+    for (i, needle) in [(1, "spans shards"), (2, "key is empty"), (4, "request_id")] {
+        let f = failed(i);
+        assert_eq!(f.code, tonic::Code::InvalidArgument as i32, "batch {i}");
+        assert!(f.message.contains(needle), "batch {i}: {}", f.message);
+        assert_eq!(f.details.unwrap().code, "InvalidArgument");
+    }
+    let not_leader = failed(3);
+    assert_eq!(not_leader.code, tonic::Code::FailedPrecondition as i32);
+    let d = not_leader.details.unwrap();
+    assert_eq!(d.code, "NotLeader");
+    assert_eq!(d.shard_id, shard_of(&elsewhere));
+
+    phase("only the good batch was written, atomically at one version");
+    for k in ["{here}:1", "{here}:2"] {
+        assert_eq!(client.get(k).await.unwrap().unwrap().version, version);
+    }
+    for k in [a, b, format!("{elsewhere}:k"), "{here}:3".to_string()] {
+        assert!(
+            client.get(k.clone()).await.unwrap().is_none(),
+            "{k} written"
+        );
+    }
+
+    phase("the same call again: the good batch's request id is remembered, nothing reapplies");
+    let again = kv.multi_batch(multi).await.unwrap().into_inner().results;
+    match &again[0].result {
+        Some(batch_result::Result::Ok(ok)) => assert_eq!(ok.version, version),
+        other => panic!("retry of the good batch failed: {other:?}"),
+    }
+
+    phase("a call without batches is rejected");
+    let err = kv
+        .multi_batch(MultiBatchRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(err.message().contains("no batches"), "{}", err.message());
 }
 
 /// Two keys that live in different shards.

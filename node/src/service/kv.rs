@@ -8,12 +8,14 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
+use futures::future::join_all;
 use openraft::ReadPolicy;
 use strata_proto::v1::kv_server::Kv;
 use strata_proto::v1::{
-    BatchRequest, BatchResponse, CasRequest, CasResponse, Consistency, DeleteRequest,
-    DeleteResponse, GetRequest, GetResponse, KeyValue, PutRequest, PutResponse, RequestId,
-    ScanRequest, ScanResponse,
+    batch_result, BatchFailure, BatchRequest, BatchResponse, BatchResult, CasRequest, CasResponse,
+    Consistency, DeleteRequest, DeleteResponse, GetRequest, GetResponse, KeyValue,
+    MultiBatchRequest, MultiBatchResponse, PutRequest, PutResponse, RequestId, ScanRequest,
+    ScanResponse,
 };
 use tonic::{Request, Response, Status};
 
@@ -110,8 +112,8 @@ fn command(id: Option<RequestId>, op: Op) -> Result<Command, KvError> {
     })
 }
 
-fn unexpected(outcome: Outcome) -> Status {
-    KvError::Internal(format!("unexpected outcome {outcome:?}")).into()
+fn unexpected(outcome: Outcome) -> KvError {
+    KvError::Internal(format!("unexpected outcome {outcome:?}"))
 }
 
 fn storage(e: std::io::Error) -> KvError {
@@ -172,7 +174,7 @@ impl Kv for KvService {
         )?;
         match self.propose(shard, cmd).await? {
             Outcome::Put { version } => Ok(Response::new(PutResponse { version })),
-            other => Err(unexpected(other)),
+            other => Err(unexpected(other).into()),
         }
     }
 
@@ -187,7 +189,7 @@ impl Kv for KvService {
             Outcome::Delete { existed, version } => {
                 Ok(Response::new(DeleteResponse { existed, version }))
             }
-            other => Err(unexpected(other)),
+            other => Err(unexpected(other).into()),
         }
     }
 
@@ -251,12 +253,40 @@ impl Kv for KvService {
                 version,
                 current_value: current_value.unwrap_or_default(),
             })),
-            other => Err(unexpected(other)),
+            other => Err(unexpected(other).into()),
         }
     }
 
     async fn batch(&self, req: Request<BatchRequest>) -> Result<Response<BatchResponse>, Status> {
+        Ok(Response::new(self.run_batch(req.into_inner()).await?))
+    }
+
+    async fn multi_batch(
+        &self,
+        req: Request<MultiBatchRequest>,
+    ) -> Result<Response<MultiBatchResponse>, Status> {
         let req = req.into_inner();
+        self.node.limits.check_multi_batch_len(req.batches.len())?;
+        // All proposals start together, so the groups' log appends share fsyncs and their
+        // AppendEntries share peer messages.
+        let results = join_all(req.batches.into_iter().map(|b| self.run_batch(b)))
+            .await
+            .into_iter()
+            .map(|r| BatchResult {
+                result: Some(match r {
+                    Ok(ok) => batch_result::Result::Ok(ok),
+                    Err(e) => batch_result::Result::Failed(failure(e)),
+                }),
+            })
+            .collect();
+        Ok(Response::new(MultiBatchResponse { results }))
+    }
+}
+
+impl KvService {
+    /// Validates and proposes one single-shard batch (a `Batch` call or one batch of a
+    /// `MultiBatch`).
+    async fn run_batch(&self, req: BatchRequest) -> Result<BatchResponse, KvError> {
         self.node.limits.check_batch_len(req.ops.len())?;
         let mut shards = Vec::new();
         let mut ops = Vec::with_capacity(req.ops.len());
@@ -280,14 +310,23 @@ impl Kv for KvService {
             return Err(KvError::InvalidArgument(format!(
                 "batch spans shards {shards:?}; an atomic batch must stay in one shard \
                  (give its keys a common hash tag such as {{user:42}})"
-            ))
-            .into());
+            )));
         }
         let cmd = command(req.request_id, Op::Batch { ops })?;
         match self.propose(shards[0], cmd).await? {
-            Outcome::Batch { version } => Ok(Response::new(BatchResponse { version })),
+            Outcome::Batch { version } => Ok(BatchResponse { version }),
             other => Err(unexpected(other)),
         }
+    }
+}
+
+/// One failed batch of a `MultiBatch`, as the status its own `Batch` call would have carried.
+fn failure(e: KvError) -> BatchFailure {
+    let (code, details) = e.details();
+    BatchFailure {
+        code: code as i32,
+        message: e.to_string(),
+        details: Some(details),
     }
 }
 
