@@ -14,8 +14,8 @@ use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tonic::transport::{Channel, Endpoint};
 
-use crate::coalesce::{CoalescedBatch, PendingPut, PutCoalescer};
-use crate::error::{classify, Error, Verdict};
+use crate::coalesce::{CoalescedBatch, GetCoalescer, PendingGet, PendingPut, PutCoalescer};
+use crate::error::{classify, is_reply_full, Error, Verdict};
 use crate::route::{LeaderCache, RouteTable};
 use crate::session::{Session, Ticket};
 
@@ -37,20 +37,55 @@ fn unknown_node(node: u64, epoch: u64) -> tonic::Status {
     )
 }
 
-/// One batch's outcome from a `MultiBatch` answer, as the status its own `Batch` call would
+/// One item's failure from a `MultiBatch` or `MultiGet` answer, as the status its own call would
 /// have returned, so that the usual retry rules apply to it.
-fn batch_outcome(r: pb::BatchResult) -> Result<pb::BatchResponse, tonic::Status> {
+fn item_failure(f: pb::ItemFailure) -> tonic::Status {
     use prost::Message;
+    tonic::Status::with_details(
+        tonic::Code::from(f.code),
+        f.message,
+        f.details.unwrap_or_default().encode_to_vec().into(),
+    )
+}
+
+fn batch_outcome(r: pb::BatchResult) -> Result<pb::BatchResponse, tonic::Status> {
     match r.result {
         Some(pb::batch_result::Result::Ok(ok)) => Ok(ok),
-        Some(pb::batch_result::Result::Failed(f)) => Err(tonic::Status::with_details(
-            tonic::Code::from(f.code),
-            f.message,
-            f.details.unwrap_or_default().encode_to_vec().into(),
-        )),
+        Some(pb::batch_result::Result::Failed(f)) => Err(item_failure(f)),
         None => Err(tonic::Status::internal(
             "a MultiBatch result holds no outcome",
         )),
+    }
+}
+
+fn get_outcome(r: pb::GetResult) -> Result<pb::GetResponse, tonic::Status> {
+    match r.result {
+        Some(pb::get_result::Result::Ok(ok)) => Ok(ok),
+        Some(pb::get_result::Result::Failed(f)) => Err(item_failure(f)),
+        None => Err(tonic::Status::internal(
+            "a MultiGet result holds no outcome",
+        )),
+    }
+}
+
+/// The per-item outcomes of a multi-item call with `items` items: the answer's, or the call's
+/// own failure for every item.
+fn per_item<R, T>(
+    node: u64,
+    items: usize,
+    answer: Result<Vec<R>, tonic::Status>,
+    outcome: fn(R) -> Result<T, tonic::Status>,
+) -> Vec<Result<T, tonic::Status>> {
+    match answer {
+        Ok(results) if results.len() == items => results.into_iter().map(outcome).collect(),
+        Ok(results) => {
+            let wrong = tonic::Status::internal(format!(
+                "node {node} answered {} results for {items} items",
+                results.len()
+            ));
+            (0..items).map(|_| Err(wrong.clone())).collect()
+        }
+        Err(status) => (0..items).map(|_| Err(status.clone())).collect(),
     }
 }
 
@@ -114,6 +149,7 @@ pub struct ClientBuilder {
     pub(crate) deadline: Duration,
     connect_timeout: Duration,
     coalesce_puts: bool,
+    coalesce_gets: bool,
 }
 
 impl ClientBuilder {
@@ -129,12 +165,20 @@ impl ClientBuilder {
             deadline: Duration::from_secs(15),
             connect_timeout: Duration::from_secs(1),
             coalesce_puts: true,
+            coalesce_gets: true,
         }
     }
 
-    /// Whether concurrent puts to one shard may share a batch request (default: yes).
+    /// Whether concurrent puts may share requests: one atomic batch per shard, one call per node
+    /// (default: yes).
     pub fn coalesce_puts(mut self, on: bool) -> Self {
         self.coalesce_puts = on;
+        self
+    }
+
+    /// Whether concurrent gets to one node may share one `MultiGet` call (default: yes).
+    pub fn coalesce_gets(mut self, on: bool) -> Self {
+        self.coalesce_gets = on;
         self
     }
 
@@ -171,6 +215,7 @@ impl ClientBuilder {
                 config: self,
                 session: Arc::new(Session::new()),
                 puts: PutCoalescer::default(),
+                gets: GetCoalescer::default(),
                 channels: Mutex::new(HashMap::new()),
                 table: RwLock::new(None),
                 leaders: Mutex::new(LeaderCache::default()),
@@ -193,6 +238,8 @@ struct Inner {
     session: Arc<Session>,
     /// Puts waiting to be sent together, per node and shard.
     puts: PutCoalescer,
+    /// Gets waiting to be sent together, per node.
+    gets: GetCoalescer,
     /// One channel per node address. `std` locks: never held across an await.
     channels: Mutex<HashMap<String, Channel>>,
     table: RwLock<Option<Arc<RouteTable>>>,
@@ -488,7 +535,9 @@ impl Client {
         self.get_with(key, Consistency::Linearizable).await
     }
 
-    /// Reads `key` at the given consistency.
+    /// Reads `key` at the given consistency. Concurrent gets of this client to one node may
+    /// travel together in one `MultiGet` call (see the `coalesce` module); each is still served
+    /// as a separate read.
     pub async fn get_with(
         &self,
         key: impl Into<Bytes>,
@@ -499,17 +548,81 @@ impl Client {
             key: key.clone(),
             consistency: consistency as i32,
         };
-        let r = self
-            .run(Target::Key(&key), false, |mut c| {
-                let req = req.clone();
-                async move { c.get(req).await }
-            })
-            .await?;
+        let r = match self.table().filter(|_| self.inner.config.coalesce_gets) {
+            Some(table) => {
+                let shard = table.shard_for_key(&key);
+                let node = self.inner.leaders.lock().expect("leaders poisoned").pick(
+                    shard.id,
+                    &shard.replicas,
+                    0,
+                );
+                let (reply, result) = oneshot::channel();
+                if self.inner.gets.enqueue(node, PendingGet { req, reply }) {
+                    let client = self.clone();
+                    tokio::spawn(async move { client.send_get_waves(node).await });
+                }
+                result
+                    .await
+                    .unwrap_or_else(|_| Err(Error::Server("get sender stopped".into())))?
+            }
+            None => self.get_once(req, None).await?,
+        };
         Ok(r.found.then(|| Record {
             key,
             value: r.value,
             version: r.version,
         }))
+    }
+
+    /// The read `req` through the retry loop, optionally after a first attempt made elsewhere.
+    async fn get_once(
+        &self,
+        req: pb::GetRequest,
+        first: Option<(u64, Result<pb::GetResponse, tonic::Status>)>,
+    ) -> Result<pb::GetResponse, Error> {
+        let key = req.key.clone();
+        self.run_from(Target::Key(&key), false, first, |mut c| {
+            let req = req.clone();
+            async move { c.get(req).await }
+        })
+        .await
+    }
+
+    /// The sender of coalesced gets to `node`: sends `MultiGet` waves, one at a time, until none
+    /// waits. A read whose first attempt failed is retried in a task of its own.
+    async fn send_get_waves(&self, node: u64) {
+        while let Some(wave) = self.inner.gets.next_wave(node) {
+            let req = pb::MultiGetRequest {
+                gets: wave.iter().map(|g| g.req.clone()).collect(),
+            };
+            let answer = self
+                .attempt_on(node, |mut c| async move { c.multi_get(req).await })
+                .await
+                .map(|r| r.results);
+            let outcomes = per_item(node, wave.len(), answer, get_outcome);
+            if outcomes.iter().any(Result::is_ok) {
+                self.inner
+                    .leaders
+                    .lock()
+                    .expect("leaders poisoned")
+                    .answered(node);
+            }
+            for (get, first) in wave.into_iter().zip(outcomes) {
+                match first {
+                    Ok(r) => {
+                        let _ = get.reply.send(Ok(r));
+                    }
+                    Err(status) => {
+                        let client = self.clone();
+                        tokio::spawn(async move {
+                            // A read the answer had no room for was not served: it goes alone.
+                            let first = (!is_reply_full(&status)).then_some((node, Err(status)));
+                            let _ = get.reply.send(client.get_once(get.req, first).await);
+                        });
+                    }
+                }
+            }
+        }
     }
 
     /// Sets `key` to `value`; returns the new version. Concurrent puts of this client may travel
@@ -573,35 +686,27 @@ impl Client {
         let req = pb::MultiBatchRequest {
             batches: batches.iter().map(CoalescedBatch::request).collect(),
         };
+        let answer = self
+            .attempt_on(node, |mut c| async move { c.multi_batch(req).await })
+            .await
+            .map(|r| r.results);
+        per_item(node, batches.len(), answer, batch_outcome)
+    }
+
+    /// One attempt against `node` with the cached map (loading it first if there is none).
+    async fn attempt_on<T, F, Fut>(&self, node: u64, call: F) -> Result<T, tonic::Status>
+    where
+        F: FnOnce(KvClient<Channel>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
         let table = match self.table() {
             Some(t) => t,
-            None => match self.refresh_map().await {
-                Ok(t) => t,
-                Err(e) => {
-                    return vec![Err(tonic::Status::unavailable(e.to_string())); batches.len()]
-                }
-            },
+            None => self
+                .refresh_map()
+                .await
+                .map_err(|e| tonic::Status::unavailable(e.to_string()))?,
         };
-        let results = match self
-            .attempt(
-                &table,
-                node,
-                |mut c| async move { c.multi_batch(req).await },
-            )
-            .await
-        {
-            Ok(r) if r.results.len() == batches.len() => r.results,
-            Ok(r) => {
-                let wrong = tonic::Status::internal(format!(
-                    "node {node} answered {} results for {} batches",
-                    r.results.len(),
-                    batches.len()
-                ));
-                return vec![Err(wrong); batches.len()];
-            }
-            Err(status) => return vec![Err(status); batches.len()],
-        };
-        results.into_iter().map(batch_outcome).collect()
+        self.attempt(&table, node, call).await
     }
 
     /// Completes a coalesced batch from its first outcome: retries it (same request id) if that

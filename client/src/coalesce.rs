@@ -1,4 +1,5 @@
-//! Put coalescing. Concurrent puts of one client travel together: the puts waiting for one
+//! Coalescing. Concurrent gets of one client to one node travel in one `MultiGet` call, and
+//! concurrent puts travel together: the puts waiting for one
 //! shard form one atomic `Batch`, and the batches for every shard whose cached leader is the same
 //! node go to it in one `MultiBatch` call — a *wave*. At most one wave per node is in flight; puts
 //! that arrive meanwhile form the next one, so a lone writer never waits and a busy one batches
@@ -10,7 +11,8 @@
 //! which lies inside every caller's call; a batch never holds two puts of the same key, so each
 //! version still names one write; the batch keeps one request id across retries. If the batch is
 //! rejected as invalid (nothing applied), its puts are retried one by one so that one bad put
-//! fails alone.
+//! fails alone. A coalesced get is served as its own `Get` call would be: it starts after the
+//! caller asked, and ends before the caller hears back.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Mutex;
@@ -67,21 +69,55 @@ impl CoalescedBatch {
     }
 }
 
-/// The puts waiting for one node.
-#[derive(Default)]
-struct NodeQueue {
-    /// Waiting puts per shard, in arrival order.
-    shards: BTreeMap<u64, VecDeque<PendingPut>>,
-    /// Whether a sender is running for this node.
-    sending: bool,
+/// Most reads in one `MultiGet` wave.
+const MAX_WAVE_GETS: usize = 256;
+
+/// A get waiting for its wave.
+pub(crate) struct PendingGet {
+    pub req: pb::GetRequest,
+    pub reply: oneshot::Sender<Result<pb::GetResponse, Error>>,
 }
 
-/// The put queues of one client, per node.
-#[derive(Default)]
-pub(crate) struct PutCoalescer {
+/// Waiting work per node, and whether a sender runs for the node: at most one does, so one
+/// wave per node is in flight.
+struct PerNode<Q> {
     /// A `std` mutex: held to push or take, never across an await.
-    nodes: Mutex<HashMap<u64, NodeQueue>>,
+    nodes: Mutex<HashMap<u64, (Q, bool)>>,
 }
+
+impl<Q: Default> PerNode<Q> {
+    /// Adds work for `node` with `push`. Returns true when the caller must start its sender.
+    fn enqueue(&self, node: u64, push: impl FnOnce(&mut Q)) -> bool {
+        let mut nodes = self.nodes.lock().expect("coalescer poisoned");
+        let (queue, sending) = nodes.entry(node).or_default();
+        push(queue);
+        !std::mem::replace(sending, true)
+    }
+
+    /// The next wave for `node`'s sender, taken by `take`; `None` when nothing waits, and then
+    /// the sender stops.
+    fn next_wave<W>(&self, node: u64, take: impl FnOnce(&mut Q) -> Option<W>) -> Option<W> {
+        let mut nodes = self.nodes.lock().expect("coalescer poisoned");
+        let (queue, sending) = nodes.get_mut(&node)?;
+        let wave = take(queue);
+        if wave.is_none() {
+            *sending = false;
+        }
+        wave
+    }
+}
+
+impl<Q> Default for PerNode<Q> {
+    fn default() -> Self {
+        PerNode {
+            nodes: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+/// The put queues of one client: per node, the waiting puts of each shard in arrival order.
+#[derive(Default)]
+pub(crate) struct PutCoalescer(PerNode<BTreeMap<u64, VecDeque<PendingPut>>>);
 
 impl std::fmt::Debug for PutCoalescer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -93,31 +129,63 @@ impl PutCoalescer {
     /// Queues `put` for `shard`, to be sent to `node`. Returns true when the caller must start a
     /// sender for `node`.
     pub fn enqueue(&self, node: u64, shard: u64, put: PendingPut) -> bool {
-        let mut nodes = self.nodes.lock().expect("coalescer poisoned");
-        let q = nodes.entry(node).or_default();
-        q.shards.entry(shard).or_default().push_back(put);
-        !std::mem::replace(&mut q.sending, true)
+        self.0.enqueue(node, |shards| {
+            shards.entry(shard).or_default().push_back(put);
+        })
     }
 
     /// The next wave for the sender of `node`: one batch per shard with waiting puts, within the
     /// size limits. `None` when nothing waits: the sender stops.
     pub fn next_wave(&self, node: u64) -> Option<Vec<(u64, Vec<PendingPut>)>> {
-        let mut nodes = self.nodes.lock().expect("coalescer poisoned");
-        let q = nodes.get_mut(&node)?;
-        let mut wave = Vec::new();
-        let mut budget = MAX_WAVE_BYTES;
-        for (shard, waiting) in q.shards.iter_mut() {
-            let batch = take_batch(waiting, &mut budget, wave.is_empty());
-            if !batch.is_empty() {
-                wave.push((*shard, batch));
+        self.0.next_wave(node, |shards| {
+            let mut wave = Vec::new();
+            let mut budget = MAX_WAVE_BYTES;
+            for (shard, waiting) in shards.iter_mut() {
+                let batch = take_batch(waiting, &mut budget, wave.is_empty());
+                if !batch.is_empty() {
+                    wave.push((*shard, batch));
+                }
             }
-        }
-        q.shards.retain(|_, waiting| !waiting.is_empty());
-        if wave.is_empty() {
-            q.sending = false;
-            return None;
-        }
-        Some(wave)
+            shards.retain(|_, waiting| !waiting.is_empty());
+            (!wave.is_empty()).then_some(wave)
+        })
+    }
+}
+
+/// The get queues of one client, per node.
+#[derive(Default)]
+pub(crate) struct GetCoalescer(PerNode<VecDeque<PendingGet>>);
+
+impl std::fmt::Debug for GetCoalescer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("GetCoalescer")
+    }
+}
+
+impl GetCoalescer {
+    /// Queues `get` for `node`. Returns true when the caller must start a sender for `node`.
+    pub fn enqueue(&self, node: u64, get: PendingGet) -> bool {
+        self.0.enqueue(node, |waiting| waiting.push_back(get))
+    }
+
+    /// The next wave for the sender of `node`: waiting gets in arrival order, at most
+    /// [`MAX_WAVE_GETS`] and [`MAX_WAVE_BYTES`] of keys. `None` when nothing waits.
+    pub fn next_wave(&self, node: u64) -> Option<Vec<PendingGet>> {
+        self.0.next_wave(node, |waiting| {
+            let mut wave = Vec::new();
+            let mut bytes = 0;
+            while let Some(g) = waiting.front() {
+                let size = g.req.key.len();
+                if !wave.is_empty()
+                    && (wave.len() == MAX_WAVE_GETS || bytes + size > MAX_WAVE_BYTES)
+                {
+                    break;
+                }
+                bytes += size;
+                wave.extend(waiting.pop_front());
+            }
+            (!wave.is_empty()).then_some(wave)
+        })
     }
 }
 
@@ -203,6 +271,38 @@ mod tests {
             "the sender stopped, a new one starts"
         );
         assert_eq!(keys(c.next_wave(2).unwrap()), vec![(12, vec!["y".into()])]);
+    }
+
+    #[test]
+    fn get_waves_are_per_node_and_bounded() {
+        let c = GetCoalescer::default();
+        let get = |k: String| PendingGet {
+            req: pb::GetRequest {
+                key: k.into(),
+                consistency: 0,
+            },
+            reply: oneshot::channel().0,
+        };
+        assert!(c.enqueue(1, get("a".into())));
+        assert!(!c.enqueue(1, get("a".into())), "one sender per node");
+        assert!(c.enqueue(2, get("b".into())));
+        for i in 0..MAX_WAVE_GETS {
+            c.enqueue(1, get(format!("k{i}")));
+        }
+        let wave = c.next_wave(1).unwrap();
+        assert_eq!(wave.len(), MAX_WAVE_GETS);
+        assert_eq!(
+            wave[0].req.key, "a",
+            "arrival order; repeated keys may share a wave"
+        );
+        assert_eq!(wave[1].req.key, "a");
+        assert_eq!(c.next_wave(1).unwrap().len(), 2);
+        assert!(c.next_wave(1).is_none());
+        assert!(
+            c.enqueue(1, get("c".into())),
+            "the sender stopped, a new one starts"
+        );
+        assert_eq!(c.next_wave(2).unwrap()[0].req.key, "b");
     }
 
     #[test]

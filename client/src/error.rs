@@ -107,6 +107,11 @@ pub(crate) fn classify(status: &tonic::Status, is_write: bool) -> Verdict {
     }
 }
 
+/// Whether `status` is a `MultiGet` read left unserved because the answer was full.
+pub(crate) fn is_reply_full(status: &tonic::Status) -> bool {
+    ErrorDetails::decode(status.details()).is_ok_and(|d| d.code == "ReplyFull")
+}
+
 /// Whether the transport failed before the request could be sent (connect error).
 fn is_connect_error(status: &tonic::Status) -> bool {
     let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(status);

@@ -16,7 +16,8 @@
 //!   acknowledged floor that lets servers forget finished writes.
 //! - [`client`]: [`Client`], [`ClientBuilder`] and the operations, with retries within a deadline.
 //! - `coalesce`: concurrent puts to one shard share one atomic batch, and the batches for the
-//!   shards one node leads share one `MultiBatch` call.
+//!   shards one node leads share one `MultiBatch` call; concurrent gets to one node share one
+//!   `MultiGet` call.
 //! - `admin`: membership requests (`add_node`, `remove_node`) sent to the meta leader.
 //!
 //! Retries: a request that meets `NotLeader`, `WrongShard`, an unavailable shard or a lost

@@ -14,6 +14,7 @@
 //! | `NotFound` | NotFound | no | — (admin requests) |
 //! | `AlreadyExists` | AlreadyExists | no | — (admin requests) |
 //! | `Refused` | FailedPrecondition | no | — (admin requests) |
+//! | `ReplyFull` | ResourceExhausted | yes, as its own `Get` | — (one read of a `MultiGet`) |
 
 use prost::Message;
 use strata_proto::v1::ErrorDetails;
@@ -81,6 +82,10 @@ pub enum KvError {
     /// cluster below the replication factor). Nothing was changed.
     #[error("refused: {0}")]
     Refused(String),
+    /// One read of a `MultiGet` was not served: the answer's size budget was spent by the reads
+    /// before it. Send it on its own.
+    #[error("the MultiGet answer is full; send this read on its own")]
+    ReplyFull,
 }
 
 fn leader_text(leader: &Option<(u64, String)>) -> String {
@@ -150,6 +155,11 @@ impl KvError {
             KvError::Refused(_) => {
                 d.code = "Refused".into();
                 Code::FailedPrecondition
+            }
+            KvError::ReplyFull => {
+                d.code = "ReplyFull".into();
+                d.retryable = true;
+                Code::ResourceExhausted
             }
         };
         (code, d)

@@ -16,9 +16,9 @@ pub struct Limits {
     pub max_message_bytes: usize,
 }
 
-/// Most batches in one `MultiBatch` call. A client sends one per shard the node leads, so this
-/// only stops a caller from starting thousands of proposals with one message.
-pub const MAX_MULTI_BATCHES: usize = 1024;
+/// Most items (batches or reads) in one `MultiBatch` or `MultiGet` call: stops a caller from
+/// starting thousands of proposals or reads with one message.
+pub const MAX_MULTI_ITEMS: usize = 1024;
 
 impl Default for Limits {
     fn default() -> Self {
@@ -73,16 +73,17 @@ impl Limits {
         Ok(())
     }
 
-    /// A multi-batch holds 1..=[`MAX_MULTI_BATCHES`] batches.
-    pub fn check_multi_batch_len(&self, batches: usize) -> Result<(), KvError> {
-        if batches == 0 {
-            return Err(KvError::InvalidArgument(
-                "multi-batch holds no batches".into(),
-            ));
-        }
-        if batches > MAX_MULTI_BATCHES {
+    /// A `MultiBatch` or `MultiGet` call holds 1..=[`MAX_MULTI_ITEMS`] items (`what`: "batches"
+    /// or "reads").
+    pub fn check_multi_len(&self, items: usize, what: &str) -> Result<(), KvError> {
+        if items == 0 {
             return Err(KvError::InvalidArgument(format!(
-                "multi-batch holds {batches} batches, the limit is {MAX_MULTI_BATCHES}"
+                "the call holds no {what}"
+            )));
+        }
+        if items > MAX_MULTI_ITEMS {
+            return Err(KvError::InvalidArgument(format!(
+                "the call holds {items} {what}, the limit is {MAX_MULTI_ITEMS}"
             )));
         }
         Ok(())
@@ -106,8 +107,8 @@ mod tests {
         assert!(l.check_batch_len(128).is_ok());
         assert!(l.check_batch_len(129).is_err());
         assert!(l.check_batch_len(0).is_err());
-        assert!(l.check_multi_batch_len(1).is_ok());
-        assert!(l.check_multi_batch_len(0).is_err());
-        assert!(msg(l.check_multi_batch_len(1025).unwrap_err()).contains("1024"));
+        assert!(l.check_multi_len(1, "reads").is_ok());
+        assert!(msg(l.check_multi_len(0, "batches").unwrap_err()).contains("no batches"));
+        assert!(msg(l.check_multi_len(1025, "reads").unwrap_err()).contains("1024"));
     }
 }

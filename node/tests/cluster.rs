@@ -12,8 +12,8 @@ use common::{phase, put_all, Acked, TestCluster};
 use strata_client::{BatchOp, Error, ScanOptions};
 use strata_proto::v1::kv_client::KvClient;
 use strata_proto::v1::{
-    batch_result, BatchOp as PbBatchOp, BatchRequest, MultiBatchRequest, PutRequest, RequestId,
-    ScanRequest,
+    batch_result, get_result, BatchOp as PbBatchOp, BatchRequest, GetRequest, MultiBatchRequest,
+    MultiGetRequest, PutRequest, RequestId, ScanRequest,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -374,6 +374,72 @@ async fn multi_batch_runs_each_batch_on_its_own() {
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
     assert!(err.message().contains("no batches"), "{}", err.message());
+
+    phase("MultiGet: each read its own outcome; the answer's size budget holds");
+    let big = |c: u8| Bytes::from(vec![c; 900 << 10]);
+    for (k, v) in [
+        ("{here}:b1", big(1)),
+        ("{here}:b2", big(2)),
+        ("{here}:b3", big(3)),
+    ] {
+        client.put(k, v).await.unwrap();
+    }
+    let get = |k: &str| GetRequest {
+        key: Bytes::copy_from_slice(k.as_bytes()),
+        consistency: 0,
+    };
+    let reads = MultiGetRequest {
+        gets: vec![
+            get("{here}:1"),
+            get("{here}:absent"),
+            get(""),
+            get(&format!("{elsewhere}:k")),
+            get("{here}:b1"),
+            get("{here}:b2"),
+            get("{here}:b3"),
+        ],
+    };
+    let results = kv.multi_get(reads).await.unwrap().into_inner().results;
+    assert_eq!(results.len(), 7);
+    let ok = |i: usize| match &results[i].result {
+        Some(get_result::Result::Ok(r)) => r.clone(),
+        other => panic!("read {i} failed: {other:?}"),
+    };
+    let failed_code = |i: usize| match &results[i].result {
+        Some(get_result::Result::Failed(f)) => f.details.clone().unwrap().code,
+        other => panic!("read {i} should have failed: {other:?}"),
+    };
+    assert_eq!(
+        (ok(0).found, ok(0).value.as_ref(), ok(0).version),
+        (true, &b"x"[..], version)
+    );
+    assert!(!ok(1).found);
+    assert_eq!(failed_code(2), "InvalidArgument");
+    assert_eq!(failed_code(3), "NotLeader");
+    assert_eq!(ok(4).value, big(1));
+    assert_eq!(ok(5).value, big(2));
+    assert_eq!(
+        failed_code(6),
+        "ReplyFull",
+        "2 MiB budget spent by b1 and b2"
+    );
+    let err = kv.multi_get(MultiGetRequest::default()).await.unwrap_err();
+    assert!(err.message().contains("no reads"), "{}", err.message());
+
+    phase("the client's coalesced gets send a read the answer had no room for on its own");
+    // Eight concurrent reads: any wave of three or more big ones overflows the answer.
+    let keys = ["{here}:b1", "{here}:b2", "{here}:b3", "{here}:1"].repeat(2);
+    let reads = keys.iter().map(|k| client.get(*k));
+    let values: Vec<Bytes> = futures::future::join_all(reads)
+        .await
+        .into_iter()
+        .map(|r| r.unwrap().unwrap().value)
+        .collect();
+    let expected = [big(1), big(2), big(3), Bytes::from_static(b"x")].to_vec();
+    let expected = [expected.clone(), expected].concat();
+    // Compared by length and first byte: the values are too large to print.
+    let shape = |v: &[Bytes]| -> Vec<(usize, u8)> { v.iter().map(|b| (b.len(), b[0])).collect() };
+    assert_eq!(shape(&values), shape(&expected));
 }
 
 /// Two keys that live in different shards.

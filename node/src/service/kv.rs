@@ -12,10 +12,10 @@ use futures::future::join_all;
 use openraft::ReadPolicy;
 use strata_proto::v1::kv_server::Kv;
 use strata_proto::v1::{
-    batch_result, BatchFailure, BatchRequest, BatchResponse, BatchResult, CasRequest, CasResponse,
-    Consistency, DeleteRequest, DeleteResponse, GetRequest, GetResponse, KeyValue,
-    MultiBatchRequest, MultiBatchResponse, PutRequest, PutResponse, RequestId, ScanRequest,
-    ScanResponse,
+    batch_result, get_result, BatchRequest, BatchResponse, BatchResult, CasRequest, CasResponse,
+    Consistency, DeleteRequest, DeleteResponse, GetRequest, GetResponse, GetResult, ItemFailure,
+    KeyValue, MultiBatchRequest, MultiBatchResponse, MultiGetRequest, MultiGetResponse, PutRequest,
+    PutResponse, RequestId, ScanRequest, ScanResponse,
 };
 use tonic::{Request, Response, Status};
 
@@ -30,6 +30,9 @@ use crate::storage::state_machine::{get, scan};
 const DEFAULT_SCAN_LIMIT: usize = 1000;
 /// Largest scan limit honoured.
 const MAX_SCAN_LIMIT: usize = 10_000;
+/// Value bytes one `MultiGet` answer carries at most (beyond its first read), well under the
+/// 4 MiB message limit; later reads are answered `ReplyFull` for the client to send alone.
+const MULTI_GET_REPLY_BYTES: usize = 2 << 20;
 
 /// The `Kv` gRPC service.
 pub struct KvService {
@@ -147,18 +150,38 @@ fn scan_bounds(req: &ScanRequest) -> (Vec<u8>, Vec<u8>) {
 #[tonic::async_trait]
 impl Kv for KvService {
     async fn get(&self, req: Request<GetRequest>) -> Result<Response<GetResponse>, Status> {
+        Ok(Response::new(self.run_get(req.into_inner()).await?))
+    }
+
+    async fn multi_get(
+        &self,
+        req: Request<MultiGetRequest>,
+    ) -> Result<Response<MultiGetResponse>, Status> {
         let req = req.into_inner();
-        let shard = self.check_key(&req.key)?;
-        let group = self.readable(shard, req.consistency).await?;
-        let record = get_record(&group, &self.node, &req.key)?;
-        Ok(Response::new(match record {
-            Some((version, value)) => GetResponse {
-                found: true,
-                value,
-                version,
-            },
-            None => GetResponse::default(),
-        }))
+        self.node.limits.check_multi_len(req.gets.len(), "reads")?;
+        // All reads start together, so the reads of one shard share one ReadIndex round.
+        let answers = join_all(req.gets.into_iter().map(|g| self.run_get(g))).await;
+        let mut budget = MULTI_GET_REPLY_BYTES;
+        let results = answers
+            .into_iter()
+            .enumerate()
+            .map(|(i, r)| {
+                let result = match r {
+                    Ok(ok) if i > 0 && ok.value.len() > budget => {
+                        get_result::Result::Failed(failure(KvError::ReplyFull))
+                    }
+                    Ok(ok) => {
+                        budget = budget.saturating_sub(ok.value.len());
+                        get_result::Result::Ok(ok)
+                    }
+                    Err(e) => get_result::Result::Failed(failure(e)),
+                };
+                GetResult {
+                    result: Some(result),
+                }
+            })
+            .collect();
+        Ok(Response::new(MultiGetResponse { results }))
     }
 
     async fn put(&self, req: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
@@ -266,7 +289,9 @@ impl Kv for KvService {
         req: Request<MultiBatchRequest>,
     ) -> Result<Response<MultiBatchResponse>, Status> {
         let req = req.into_inner();
-        self.node.limits.check_multi_batch_len(req.batches.len())?;
+        self.node
+            .limits
+            .check_multi_len(req.batches.len(), "batches")?;
         // All proposals start together, so the groups' log appends share fsyncs and their
         // AppendEntries share peer messages.
         let results = join_all(req.batches.into_iter().map(|b| self.run_batch(b)))
@@ -284,6 +309,20 @@ impl Kv for KvService {
 }
 
 impl KvService {
+    /// Serves one read (a `Get` call or one read of a `MultiGet`).
+    async fn run_get(&self, req: GetRequest) -> Result<GetResponse, KvError> {
+        let shard = self.check_key(&req.key)?;
+        let group = self.readable(shard, req.consistency).await?;
+        Ok(match get_record(&group, &self.node, &req.key)? {
+            Some((version, value)) => GetResponse {
+                found: true,
+                value,
+                version,
+            },
+            None => GetResponse::default(),
+        })
+    }
+
     /// Validates and proposes one single-shard batch (a `Batch` call or one batch of a
     /// `MultiBatch`).
     async fn run_batch(&self, req: BatchRequest) -> Result<BatchResponse, KvError> {
@@ -320,10 +359,11 @@ impl KvService {
     }
 }
 
-/// One failed batch of a `MultiBatch`, as the status its own `Batch` call would have carried.
-fn failure(e: KvError) -> BatchFailure {
+/// One failed item of a `MultiBatch` or `MultiGet`, as the status its own call would have
+/// carried.
+fn failure(e: KvError) -> ItemFailure {
     let (code, details) = e.details();
-    BatchFailure {
+    ItemFailure {
         code: code as i32,
         message: e.to_string(),
         details: Some(details),
