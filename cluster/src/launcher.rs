@@ -78,6 +78,21 @@ impl ClusterFile {
         self.nodes.iter().map(|n| n.client_addr.clone()).collect()
     }
 
+    /// Fails when a node recorded here (the cluster in `dir`) is still running: another launcher
+    /// owns it, and its data dirs must not be reused or wiped.
+    pub fn ensure_not_running(&self, dir: &Path) -> anyhow::Result<()> {
+        for n in &self.nodes {
+            if let Some(pid) = n.pid.filter(|pid| process_alive(*pid)) {
+                bail!(
+                    "node {} of the cluster in {} is already running (pid {pid}); stop it first",
+                    n.id,
+                    dir.display()
+                );
+            }
+        }
+        Ok(())
+    }
+
     /// The `--initial-cluster` value for this cluster: its bootstrap nodes.
     fn initial_cluster(&self) -> String {
         self.nodes
@@ -216,18 +231,7 @@ impl LocalCluster {
 
     /// Fails when a node recorded in `cluster.json` is still running (another launcher owns it).
     pub fn ensure_not_running(&self) -> anyhow::Result<()> {
-        for n in &self.file.nodes {
-            if let Some(pid) = n.pid {
-                if process_alive(pid) {
-                    bail!(
-                        "node {} of the cluster in {} is already running (pid {pid}); stop it first",
-                        n.id,
-                        self.dir.display()
-                    );
-                }
-            }
-        }
-        Ok(())
+        self.file.ensure_not_running(&self.dir)
     }
 
     /// Starts every node. Fails before starting any if one of their ports is taken (another
@@ -631,6 +635,29 @@ pub fn find_node_binary() -> anyhow::Result<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_cluster_with_a_live_node_process_counts_as_running() {
+        let node = |pid| NodeEntry {
+            id: 1,
+            client_addr: "127.0.0.1:1".into(),
+            peer_addr: "127.0.0.1:2".into(),
+            data_dir: PathBuf::from("/nonexistent"),
+            pid,
+            joined: false,
+        };
+        let file = |pid| ClusterFile {
+            shards: 1,
+            nodes: vec![node(pid)],
+            ip_per_node: false,
+        };
+        let dir = Path::new("/tmp/somewhere");
+        assert!(file(None).ensure_not_running(dir).is_ok());
+        let err = file(Some(std::process::id()))
+            .ensure_not_running(dir)
+            .unwrap_err();
+        assert!(err.to_string().contains("already running"), "{err}");
+    }
 
     #[test]
     fn free_ports_are_distinct_bindable_and_below_the_ephemeral_range() {

@@ -13,6 +13,7 @@ use anyhow::Context;
 use bytes::Bytes;
 use serde::Serialize;
 use strata_client::{Client, Consistency, ScanOptions};
+use strata_cluster::launcher::ClusterFile;
 use strata_proto::v1::kv_client::KvClient;
 use strata_proto::v1::ScanRequest;
 
@@ -75,6 +76,12 @@ pub struct RunResult {
 pub async fn run(opts: RunOptions) -> anyhow::Result<RunResult> {
     std::fs::create_dir_all(&opts.out)?;
     let cluster_dir = opts.out.join("cluster");
+    // Another run still using this `--out` would lose its nodes' data dirs from under them.
+    if let Some(previous) = ClusterFile::load(&cluster_dir)? {
+        previous
+            .ensure_not_running(&cluster_dir)
+            .context("another run uses this --out; stop it or choose another directory")?;
+    }
     let _ = std::fs::remove_dir_all(&cluster_dir);
     if let Some(bug) = &opts.planted_bug {
         // Inherited by the node processes started below.
