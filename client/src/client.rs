@@ -16,7 +16,7 @@ use tonic::transport::{Channel, Endpoint};
 
 use crate::coalesce::{CoalescedBatch, GetCoalescer, PendingGet, PendingPut, PutCoalescer};
 use crate::error::{classify, is_reply_full, Error, Verdict};
-use crate::route::{LeaderCache, RouteTable};
+use crate::route::{LeaderCache, RouteTable, ShardRoute};
 use crate::session::{Session, Ticket};
 
 pub use strata_proto::v1::Consistency;
@@ -550,12 +550,7 @@ impl Client {
         };
         let r = match self.table().filter(|_| self.inner.config.coalesce_gets) {
             Some(table) => {
-                let shard = table.shard_for_key(&key);
-                let node = self.inner.leaders.lock().expect("leaders poisoned").pick(
-                    shard.id,
-                    &shard.replicas,
-                    0,
-                );
+                let node = self.first_node(table.shard_for_key(&key));
                 let (reply, result) = oneshot::channel();
                 if self.inner.gets.enqueue(node, PendingGet { req, reply }) {
                     let client = self.clone();
@@ -635,12 +630,7 @@ impl Client {
             return self.put_one(key, value).await;
         };
         let shard = table.shard_for_key(&key);
-        let node =
-            self.inner
-                .leaders
-                .lock()
-                .expect("leaders poisoned")
-                .pick(shard.id, &shard.replicas, 0);
+        let node = self.first_node(shard);
         let (reply, result) = oneshot::channel();
         if self
             .inner
@@ -648,7 +638,7 @@ impl Client {
             .enqueue(node, shard.id, PendingPut { key, value, reply })
         {
             let client = self.clone();
-            tokio::spawn(async move { client.send_waves(node).await });
+            tokio::spawn(async move { client.send_put_waves(node).await });
         }
         result
             .await
@@ -658,7 +648,7 @@ impl Client {
     /// The sender of coalesced puts to `node`: sends waves, one at a time, until none waits. A
     /// batch whose first attempt failed is retried in a task of its own, so one shard's trouble
     /// does not hold up the node's next wave.
-    async fn send_waves(&self, node: u64) {
+    async fn send_put_waves(&self, node: u64) {
         while let Some(wave) = self.inner.puts.next_wave(node) {
             let batches: Vec<CoalescedBatch> = wave
                 .into_iter()
@@ -691,6 +681,15 @@ impl Client {
             .await
             .map(|r| r.results);
         per_item(node, batches.len(), answer, batch_outcome)
+    }
+
+    /// The node a coalesced request for `shard` goes to: its cached leader, else a replica.
+    fn first_node(&self, shard: &ShardRoute) -> u64 {
+        self.inner
+            .leaders
+            .lock()
+            .expect("leaders poisoned")
+            .pick(shard.id, &shard.replicas, 0)
     }
 
     /// One attempt against `node` with the cached map (loading it first if there is none).
