@@ -126,6 +126,23 @@ pub enum BatchOp {
     Delete(Bytes),
 }
 
+impl From<BatchOp> for pb::BatchOp {
+    fn from(op: BatchOp) -> pb::BatchOp {
+        match op {
+            BatchOp::Put(key, value) => pb::BatchOp {
+                key,
+                value,
+                delete: false,
+            },
+            BatchOp::Delete(key) => pb::BatchOp {
+                key,
+                value: Bytes::new(),
+                delete: true,
+            },
+        }
+    }
+}
+
 /// What a scan covers.
 #[derive(Debug, Clone, Default)]
 pub struct ScanOptions {
@@ -806,21 +823,7 @@ impl Client {
         if ops.is_empty() {
             return Err(Error::InvalidArgument("batch is empty".into()));
         }
-        let wire: Vec<pb::BatchOp> = ops
-            .into_iter()
-            .map(|op| match op {
-                BatchOp::Put(key, value) => pb::BatchOp {
-                    key,
-                    value,
-                    delete: false,
-                },
-                BatchOp::Delete(key) => pb::BatchOp {
-                    key,
-                    value: Bytes::new(),
-                    delete: true,
-                },
-            })
-            .collect();
+        let wire: Vec<pb::BatchOp> = ops.into_iter().map(pb::BatchOp::from).collect();
         let ticket = self.inner.session.begin();
         self.send_batch(&wire, &ticket, None).await
     }

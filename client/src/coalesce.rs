@@ -21,6 +21,7 @@ use bytes::Bytes;
 use strata_proto::v1 as pb;
 use tokio::sync::oneshot;
 
+use crate::client::BatchOp;
 use crate::error::Error;
 use crate::session::Ticket;
 
@@ -51,11 +52,7 @@ impl CoalescedBatch {
     pub fn new(puts: Vec<PendingPut>, ticket: Ticket) -> Self {
         let ops = puts
             .iter()
-            .map(|p| pb::BatchOp {
-                key: p.key.clone(),
-                value: p.value.clone(),
-                delete: false,
-            })
+            .map(|p| BatchOp::Put(p.key.clone(), p.value.clone()).into())
             .collect();
         CoalescedBatch { puts, ops, ticket }
     }
