@@ -14,7 +14,7 @@ use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tonic::transport::{Channel, Endpoint};
 
-use crate::coalesce::{CoalescedBatch, GetCoalescer, PendingGet, PendingPut, PutCoalescer};
+use crate::coalesce::{self, CoalescedBatch, GetCoalescer, PendingGet, PendingPut, PutCoalescer};
 use crate::error::{classify, is_reply_full, Error, Verdict};
 use crate::route::{LeaderCache, RouteTable, ShardRoute};
 use crate::session::{Session, Ticket};
@@ -634,6 +634,7 @@ impl Client {
                     }
                 }
             }
+            coalesce::let_answered_callers_resubmit().await;
         }
     }
 
@@ -680,6 +681,7 @@ impl Client {
                     tokio::spawn(async move { client.finish_batch(batch, node, first).await });
                 }
             }
+            coalesce::let_answered_callers_resubmit().await;
         }
     }
 
