@@ -357,21 +357,24 @@ impl LocalCluster {
         self.reap(id, Duration::from_secs(10))
     }
 
-    /// Stops node `id` gracefully (SIGTERM, then SIGKILL after `grace`).
-    pub fn stop_node(&mut self, id: u64, grace: Duration) -> anyhow::Result<()> {
+    /// Stops node `id` gracefully: SIGTERM, then SIGKILL if it is still running after `grace`.
+    /// Returns whether it had to be killed.
+    pub fn stop_node(&mut self, id: u64, grace: Duration) -> anyhow::Result<bool> {
         let Some(pid) = self.entry_mut(id)?.pid else {
-            return Ok(());
+            return Ok(false);
         };
         let _ = kill(Pid::from_raw(pid as i32), Signal::SIGTERM);
-        if self.reap(id, grace).is_err() {
-            let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
-            self.reap(id, Duration::from_secs(5))?;
+        if self.reap(id, grace).is_ok() {
+            return Ok(false);
         }
-        Ok(())
+        let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+        self.reap(id, Duration::from_secs(5))?;
+        Ok(true)
     }
 
-    /// Stops every node gracefully, including ones started by an earlier launcher.
-    pub fn stop_all(&mut self, grace: Duration) -> anyhow::Result<()> {
+    /// Stops every node gracefully, including ones started by an earlier launcher. Returns the
+    /// ids of the nodes that did not stop within `grace` of SIGTERM and were killed.
+    pub fn stop_all(&mut self, grace: Duration) -> anyhow::Result<Vec<u64>> {
         // Other `strata` processes may have added or restarted nodes.
         if let Some(current) = ClusterFile::load(&self.dir)? {
             self.file = current;
@@ -388,10 +391,13 @@ impl LocalCluster {
                 let _ = kill(Pid::from_raw(pid as i32), Signal::SIGTERM);
             }
         }
+        let mut killed = Vec::new();
         for id in ids {
-            self.stop_node(id, grace)?;
+            if self.stop_node(id, grace)? {
+                killed.push(id);
+            }
         }
-        Ok(())
+        Ok(killed)
     }
 
     /// Waits for node `id`'s process to exit, then clears its pid.

@@ -1,5 +1,6 @@
 //! Starts a node — storage, groups, services — serves until told to stop, then stops cleanly:
-//! listeners close first (no new requests), then every Raft group shuts down, then storage closes.
+//! leaderships move to other replicas, listeners close (no new requests) and the client calls in
+//! flight are answered, every Raft group shuts down, the peer transport stops, storage closes.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -27,6 +28,9 @@ use crate::storage::Engine;
 
 /// Largest peer (Raft) message: AppendEntries carries up to 128 entries of up to 1 MiB each.
 pub const PEER_MESSAGE_BYTES: usize = 256 << 20;
+
+/// How long a stopping node waits for the client calls in flight to be answered.
+const CLIENT_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How long a stopping node waits for each of its leaderships to move.
 const LEADERSHIP_HANDOVER_TIMEOUT: Duration = Duration::from_secs(2);
@@ -81,7 +85,7 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> anyh
                 .max_encoding_message_size(PEER_MESSAGE_BYTES),
         )
         .serve_with_incoming_shutdown(incoming(peer_listener), stopped(stop_rx.clone()));
-    let client_task = tokio::spawn(client_server);
+    let mut client_task = tokio::spawn(client_server);
     let peer_task = tokio::spawn(peer_server);
 
     if first_boot {
@@ -100,12 +104,27 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> anyh
     tracing::info!(node = node.id(), "shutting down");
     hand_over_leaderships(&node).await;
     let _ = stop_tx.send(true);
-    let _ = client_task.await;
-    let _ = peer_task.await;
+    // Client calls are unary: the client server stops once those in flight are answered.
+    if tokio::time::timeout(CLIENT_DRAIN_TIMEOUT, &mut client_task)
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            node = node.id(),
+            "client calls still running; dropping them"
+        );
+        client_task.abort();
+    }
     let _ = driver.await;
+    node.set_stopping();
     for g in node.groups.all() {
         g.shutdown().await;
     }
+    // The peer server is stopped, not drained: each peer keeps its replication stream into this
+    // node open for as long as its own groups run, and peers stopping at the same time wait for
+    // ours in the same way, so waiting for those streams to end would never finish. With every
+    // group shut down nothing they carry is used any more.
+    peer_task.abort();
     tracing::info!(node = node.id(), "stopped");
     Ok(())
 }

@@ -180,7 +180,15 @@ async fn up(a: &UpArgs) -> anyhow::Result<()> {
     eprintln!("stopping nodes...");
     // Reload: a node restarted by `dev restart-node` is recorded there with its new pid.
     let mut cluster = LocalCluster::open_or_create(&a.data_dir, &bin, &spec)?;
-    cluster.stop_all(STOP_GRACE)?;
+    let killed = cluster.stop_all(STOP_GRACE)?;
+    if !killed.is_empty() {
+        // Their acknowledged writes are safe (fsynced before acknowledging), but a node that
+        // ignores SIGTERM is a bug worth a failing exit code.
+        anyhow::bail!(
+            "nodes {killed:?} did not stop within {STOP_GRACE:?} of SIGTERM and were killed; see their node.log under {}",
+            a.data_dir.display()
+        );
+    }
     eprintln!("all nodes stopped; run the same command again to restart the cluster with its data");
     Ok(())
 }

@@ -9,7 +9,7 @@ pub mod kv;
 pub mod transport;
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 use crate::config::RaftTimings;
@@ -47,6 +47,8 @@ pub struct NodeState {
     pub adopting: tokio::sync::Mutex<()>,
     /// The placement driver's recent decisions (filled while this node leads the meta group).
     pub placement_events: EventLog,
+    /// Set once the node has begun stopping its groups: peer requests are refused from then on.
+    stopping: AtomicBool,
 }
 
 /// Where a node stands with respect to the cluster.
@@ -109,7 +111,19 @@ impl NodeState {
             peer_addr: p.peer_addr,
             adopting: tokio::sync::Mutex::new(()),
             placement_events: EventLog::default(),
+            stopping: AtomicBool::new(false),
         }
+    }
+
+    /// Marks the node as stopping its groups (see [`NodeState::is_stopping`]).
+    pub(crate) fn set_stopping(&self) {
+        self.stopping.store(true, Ordering::Release);
+    }
+
+    /// Whether the node is stopping its groups. Peer requests are then refused here rather than
+    /// handed to a Raft instance that is shutting down (which would only log an error).
+    pub fn is_stopping(&self) -> bool {
+        self.stopping.load(Ordering::Acquire)
     }
 
     /// This node's id (0 while joining).

@@ -44,6 +44,12 @@ impl TransportService {
 }
 
 fn hosted_group(node: &NodeState, id: GroupId) -> Result<Arc<Group>, Status> {
+    if node.is_stopping() {
+        return Err(Status::unavailable(format!(
+            "node {} is stopping",
+            node.id()
+        )));
+    }
     node.groups
         .get(id)
         .ok_or_else(|| Status::not_found(format!("group {id} is not hosted on node {}", node.id())))
