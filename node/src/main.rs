@@ -5,10 +5,12 @@ use clap::Parser;
 use strata_node::config::{Args, NodeConfig};
 
 fn main() {
+    // openraft's warnings are mostly one line per failed message to a peer that is down (dozens a
+    // second); the peer transport logs each peer's reachability changes instead.
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,openraft=warn".into()),
+                .unwrap_or_else(|_| "info,openraft=error".into()),
         )
         .with_target(false)
         .init();

@@ -130,7 +130,7 @@ impl PeerPool {
         if let Some(link) = links.get(&target) {
             return Ok(link.clone());
         }
-        let link = PeerLink::spawn(self.client(target)?);
+        let link = PeerLink::spawn(target, self.client(target)?);
         links.insert(target, link.clone());
         Ok(link)
     }

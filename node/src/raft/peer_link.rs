@@ -49,11 +49,11 @@ pub struct PeerLink {
 }
 
 impl PeerLink {
-    /// A link to the peer behind `client`. The stream is opened on the first request and
-    /// reopened on the next request after it breaks.
-    pub fn spawn(client: RaftClient<Channel>) -> PeerLink {
+    /// A link to node `peer`, reached through `client`. The stream is opened on the first
+    /// request and reopened on the next request after it breaks.
+    pub fn spawn(peer: u64, client: RaftClient<Channel>) -> PeerLink {
         let (calls, queue) = mpsc::unbounded_channel();
-        tokio::spawn(run(client, queue));
+        tokio::spawn(run(peer, client, queue));
         PeerLink { calls }
     }
 
@@ -80,9 +80,40 @@ impl PeerLink {
     }
 }
 
+/// Whether a peer's stream could be opened, logged once per change. openraft warns about every
+/// failed heartbeat and AppendEntries instead — dozens of lines a second per peer that is down —
+/// so its warnings are off by default (see `main.rs`) and this is what the log says instead.
+struct Reachability {
+    peer: u64,
+    down: bool,
+}
+
+impl Reachability {
+    /// Records a failed stream; returns whether that was news (and so was logged).
+    fn failed(&mut self, why: &str) -> bool {
+        let news = !self.down;
+        if news {
+            self.down = true;
+            tracing::warn!(peer = self.peer, "peer unreachable: {why}; retrying");
+        }
+        news
+    }
+
+    /// Records an opened stream; returns whether that was news (and so was logged).
+    fn opened(&mut self) -> bool {
+        let news = self.down;
+        if news {
+            self.down = false;
+            tracing::info!(peer = self.peer, "peer reachable again");
+        }
+        news
+    }
+}
+
 /// The link's task: opens the stream when there is something to send, then forwards batches and
 /// routes answers until the stream breaks, then waits for the next request.
-async fn run(client: RaftClient<Channel>, mut queue: mpsc::UnboundedReceiver<Call>) {
+async fn run(peer: u64, client: RaftClient<Channel>, mut queue: mpsc::UnboundedReceiver<Call>) {
+    let mut reachability = Reachability { peer, down: false };
     while let Some(first) = queue.recv().await {
         let mut stream = Stream::default();
         let batch = stream.batch(first, &mut queue);
@@ -100,16 +131,25 @@ async fn run(client: RaftClient<Channel>, mut queue: mpsc::UnboundedReceiver<Cal
         let mut answers = match opened {
             Ok(Ok(response)) => response.into_inner(),
             Ok(Err(status)) => {
-                stream.fail_all(&format!("stream not opened: {status}"));
+                let why = format!("stream not opened: {status}");
+                reachability.failed(&why);
+                stream.fail_all(&why);
                 continue;
             }
             Err(_) => {
-                stream.fail_all(&format!("stream not accepted within {OPEN_TIMEOUT:?}"));
+                let why = format!("stream not accepted within {OPEN_TIMEOUT:?}");
+                reachability.failed(&why);
+                stream.fail_all(&why);
                 continue;
             }
         };
+        reachability.opened();
         match stream.serve(&mut queue, &out, &mut answers).await {
-            Some(why) => stream.fail_all(&format!("stream broken: {why}")),
+            Some(why) => {
+                let why = format!("stream broken: {why}");
+                reachability.failed(&why);
+                stream.fail_all(&why);
+            }
             None => return,
         }
     }
@@ -195,6 +235,20 @@ impl Stream {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reachability_is_logged_once_per_change() {
+        let mut r = Reachability {
+            peer: 3,
+            down: false,
+        };
+        assert!(!r.opened(), "a first stream is not news");
+        assert!(r.failed("refused"));
+        assert!(!r.failed("refused"), "every retry while down stays quiet");
+        assert!(r.opened());
+        assert!(!r.opened());
+        assert!(r.failed("broken"));
+    }
     use strata_proto::v1::AppendAnswer;
 
     fn call(group: GroupId) -> (Call, oneshot::Receiver<Result<Bytes, String>>) {
