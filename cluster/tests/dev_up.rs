@@ -6,6 +6,7 @@
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
@@ -114,17 +115,27 @@ fn ok(out: Output) -> String {
     stdout
 }
 
-/// A base port whose client (base+1..3) and peer (base+101..103) ports are free.
+/// Base ports already given to a test of this process. The tests run in parallel, and each one's
+/// ports are only probed here, not held, until its nodes bind them: two tests must never get
+/// overlapping ranges.
+static TAKEN_BASES: Mutex<Vec<u16>> = Mutex::new(Vec::new());
+
+/// A base port whose client (base+1..3) and peer (base+101..103) ports are free and not given to
+/// another test of this process.
 fn free_base() -> u16 {
+    let mut taken = TAKEN_BASES.lock().unwrap();
     loop {
-        let base = free_ports("127.0.0.1", 1).unwrap()[0]
-            .saturating_sub(200)
-            .max(20_000);
+        // free_ports picks at random below the ephemeral range, so base+103 stays below it too.
+        let base = free_ports("127.0.0.1", 1).unwrap()[0] - 200;
+        if taken.iter().any(|t| t.abs_diff(base) <= 103) {
+            continue;
+        }
         let wanted = [1, 2, 3, 101, 102, 103].map(|d| base + d);
         if wanted
             .iter()
             .all(|p| std::net::TcpListener::bind(("127.0.0.1", *p)).is_ok())
         {
+            taken.push(base);
             return base;
         }
     }
