@@ -62,7 +62,8 @@ case "$cmd" in
     build_planted
     log=$(mktemp)
     set +e
-    cargo test --release --locked --workspace "$@" 2>&1 | tee "$log"
+    # --no-fail-fast: a failing test binary must not hide the results of the ones after it.
+    cargo test --release --locked --workspace --no-fail-fast "$@" 2>&1 | tee "$log"
     status=${PIPESTATUS[0]}
     # The chaos suite's short matrix on real clusters (about 4 minutes), planted bugs included.
     cargo build --release --locked -p strata-node -p strata-jepsen 2>&1 | tail -1
