@@ -128,30 +128,22 @@ async fn run(peer: u64, client: RaftClient<Channel>, mut queue: mpsc::UnboundedR
             client.append_entries(UnboundedReceiverStream::new(out_queue)),
         )
         .await;
-        let mut answers = match opened {
-            Ok(Ok(response)) => response.into_inner(),
-            Ok(Err(status)) => {
-                let why = format!("stream not opened: {status}");
-                reachability.failed(&why);
-                stream.fail_all(&why);
-                continue;
+        let why = match opened {
+            Ok(Ok(response)) => {
+                reachability.opened();
+                match stream
+                    .serve(&mut queue, &out, &mut response.into_inner())
+                    .await
+                {
+                    Some(why) => format!("stream broken: {why}"),
+                    None => return,
+                }
             }
-            Err(_) => {
-                let why = format!("stream not accepted within {OPEN_TIMEOUT:?}");
-                reachability.failed(&why);
-                stream.fail_all(&why);
-                continue;
-            }
+            Ok(Err(status)) => format!("stream not opened: {status}"),
+            Err(_) => format!("stream not accepted within {OPEN_TIMEOUT:?}"),
         };
-        reachability.opened();
-        match stream.serve(&mut queue, &out, &mut answers).await {
-            Some(why) => {
-                let why = format!("stream broken: {why}");
-                reachability.failed(&why);
-                stream.fail_all(&why);
-            }
-            None => return,
-        }
+        reachability.failed(&why);
+        stream.fail_all(&why);
     }
 }
 
@@ -235,20 +227,6 @@ impl Stream {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn reachability_is_logged_once_per_change() {
-        let mut r = Reachability {
-            peer: 3,
-            down: false,
-        };
-        assert!(!r.opened(), "a first stream is not news");
-        assert!(r.failed("refused"));
-        assert!(!r.failed("refused"), "every retry while down stays quiet");
-        assert!(r.opened());
-        assert!(!r.opened());
-        assert!(r.failed("broken"));
-    }
     use strata_proto::v1::AppendAnswer;
 
     fn call(group: GroupId) -> (Call, oneshot::Receiver<Result<Bytes, String>>) {
@@ -332,5 +310,19 @@ mod tests {
         });
         stream.fail_all("connection reset");
         assert_eq!(answered.await.unwrap().unwrap_err(), "connection reset");
+    }
+
+    #[test]
+    fn reachability_is_logged_once_per_change() {
+        let mut r = Reachability {
+            peer: 3,
+            down: false,
+        };
+        assert!(!r.opened(), "a first stream is not news");
+        assert!(r.failed("refused"));
+        assert!(!r.failed("refused"), "every retry while down stays quiet");
+        assert!(r.opened());
+        assert!(!r.opened());
+        assert!(r.failed("broken"));
     }
 }
