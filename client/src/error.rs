@@ -75,9 +75,14 @@ pub(crate) fn classify(status: &tonic::Status, is_write: bool) -> Verdict {
                 node_failed: false,
                 reason,
             },
-            "InvalidArgument" => {
-                Verdict::Fail(Error::InvalidArgument(status.message().to_string()))
-            }
+            "InvalidArgument" => Verdict::Fail(Error::InvalidArgument(
+                // The node's message names the kind already; the client's Display adds it again.
+                status
+                    .message()
+                    .strip_prefix("invalid argument: ")
+                    .unwrap_or(status.message())
+                    .to_string(),
+            )),
             "StaleRequest" => Verdict::Fail(Error::OutcomeUnknown(status.message().to_string())),
             "NotFound" | "AlreadyExists" | "Refused" => {
                 Verdict::Fail(Error::Rejected(status.message().to_string()))
@@ -127,4 +132,30 @@ fn is_connect_error(status: &tonic::Status) -> bool {
         source = e.source();
     }
     false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node_status(code: &str, message: &str) -> tonic::Status {
+        let details = ErrorDetails {
+            code: code.into(),
+            ..Default::default()
+        };
+        tonic::Status::with_details(
+            tonic::Code::InvalidArgument,
+            message,
+            details.encode_to_vec().into(),
+        )
+    }
+
+    #[test]
+    fn a_node_invalid_argument_names_its_kind_once() {
+        let status = node_status("InvalidArgument", "invalid argument: key is empty");
+        match classify(&status, true) {
+            Verdict::Fail(e) => assert_eq!(e.to_string(), "invalid argument: key is empty"),
+            other => panic!("expected a final error, got {other:?}"),
+        }
+    }
 }
