@@ -208,6 +208,45 @@ fn dev_up_serves_the_cli_survives_a_kill_and_restarts_with_its_data() {
     assert!(got.contains("\"hello\""), "{got}");
     let got = ok(strata(&dir, &["get", "after-kill"]));
     assert!(got.contains("still-serving"), "{got}");
+
+    eprintln!("--- strata bench reports figures, and says why when every operation fails");
+    let report = ok(strata(
+        &dir,
+        &[
+            "-o",
+            "json",
+            "bench",
+            "--workload",
+            "mixed",
+            "--clients",
+            "4",
+            "--duration",
+            "1s",
+            "--keys",
+            "50",
+        ],
+    ));
+    let report: serde_json::Value = serde_json::from_str(&report).unwrap();
+    assert!(report["ops"].as_u64().unwrap() > 0, "{report}");
+    assert_eq!(report["errors"], 0, "{report}");
+    let bad = strata(
+        &dir,
+        &[
+            "bench",
+            "--clients",
+            "2",
+            "--duration",
+            "1s",
+            "--value-size",
+            "2000000",
+        ],
+    );
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert!(!bad.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("operations failed, for example") && stderr.contains("the limit is"),
+        "{stderr}"
+    );
     dev.ctrl_c();
 }
 

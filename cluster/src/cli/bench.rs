@@ -102,6 +102,8 @@ pub struct BenchReport {
     pub value_size: usize,
     /// Distinct keys.
     pub keys: u64,
+    /// One failed operation's error (the first one worker saw), if any failed.
+    pub sample_error: Option<String>,
 }
 
 fn key(i: u64) -> Bytes {
@@ -138,16 +140,27 @@ impl Store {
         })
     }
 
-    async fn put(&self, key: Bytes, value: Bytes) -> bool {
+    /// Writes `key`; an error comes back as its one-line description.
+    async fn put(&self, key: Bytes, value: Bytes) -> Result<(), String> {
         match self {
-            Store::Strata(c, _) => c.put(key, value).await.is_ok(),
-            Store::Etcd(c, _) => c.clone().put(etcd::PutRequest { key, value }).await.is_ok(),
+            Store::Strata(c, _) => c.put(key, value).await.map(drop).map_err(|e| e.to_string()),
+            Store::Etcd(c, _) => c
+                .clone()
+                .put(etcd::PutRequest { key, value })
+                .await
+                .map(drop)
+                .map_err(|e| e.message().to_string()),
         }
     }
 
-    async fn get(&self, key: Bytes) -> bool {
+    /// Reads `key`; an error comes back as its one-line description.
+    async fn get(&self, key: Bytes) -> Result<(), String> {
         match self {
-            Store::Strata(c, consistency) => c.get_with(key, *consistency).await.is_ok(),
+            Store::Strata(c, consistency) => c
+                .get_with(key, *consistency)
+                .await
+                .map(drop)
+                .map_err(|e| e.to_string()),
             Store::Etcd(c, serializable) => c
                 .clone()
                 .range(etcd::RangeRequest {
@@ -155,7 +168,8 @@ impl Store {
                     serializable: *serializable,
                 })
                 .await
-                .is_ok(),
+                .map(drop)
+                .map_err(|e| e.message().to_string()),
         }
     }
 }
@@ -191,6 +205,7 @@ pub async fn run(cli: &Cli, a: &BenchArgs) -> anyhow::Result<()> {
         workers.push(tokio::spawn(async move {
             let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram");
             let mut errors = 0u64;
+            let mut first_error = None;
             let mut rng = rand::rngs::StdRng::from_os_rng();
             while !stop.load(Ordering::Relaxed) {
                 let k = key(rng.random_range(0..keys));
@@ -200,19 +215,23 @@ pub async fn run(cli: &Cli, a: &BenchArgs) -> anyhow::Result<()> {
                     Workload::Mixed => rng.random_bool(0.5),
                 };
                 let t = Instant::now();
-                let ok = if write {
+                let result = if write {
                     client.put(k, value.clone()).await
                 } else {
                     client.get(k).await
                 };
-                if ok {
-                    hist.saturating_record(t.elapsed().as_micros() as u64);
-                    done.fetch_add(1, Ordering::Relaxed);
-                } else {
-                    errors += 1;
+                match result {
+                    Ok(()) => {
+                        hist.saturating_record(t.elapsed().as_micros() as u64);
+                        done.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(e) => {
+                        errors += 1;
+                        first_error.get_or_insert(e);
+                    }
                 }
             }
-            (hist, errors)
+            (hist, errors, first_error)
         }));
     }
     while start.elapsed() < a.duration {
@@ -227,13 +246,22 @@ pub async fn run(cli: &Cli, a: &BenchArgs) -> anyhow::Result<()> {
     stop.store(true, Ordering::Relaxed);
     let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
     let mut errors = 0;
+    let mut sample_error = None;
     for w in workers {
-        let (h, e) = w.await?;
+        let (h, e, first) = w.await?;
         hist.add(h)?;
         errors += e;
+        sample_error = sample_error.or(first);
     }
     let elapsed = start.elapsed().as_secs_f64();
     bar.finish_and_clear();
+    // Nothing succeeded: a report of zeros would hide why (an oversized value, say).
+    if hist.is_empty() {
+        match &sample_error {
+            Some(e) => anyhow::bail!("all {errors} operations failed, for example: {e}"),
+            None => anyhow::bail!("no operation completed within {:?}", a.duration),
+        }
+    }
     let ms = |q: f64| hist.value_at_quantile(q) as f64 / 1000.0;
     let report = BenchReport {
         target: a.target,
@@ -249,6 +277,7 @@ pub async fn run(cli: &Cli, a: &BenchArgs) -> anyhow::Result<()> {
         max_ms: hist.max() as f64 / 1000.0,
         value_size: a.value_size,
         keys: a.keys,
+        sample_error,
     };
     match cli.output {
         Format::Json => json(&report),
@@ -271,6 +300,9 @@ pub async fn run(cli: &Cli, a: &BenchArgs) -> anyhow::Result<()> {
                     report.errors.to_string(),
                 ]],
             );
+            if let Some(e) = &report.sample_error {
+                eprintln!("{} operations failed, for example: {e}", report.errors);
+            }
             Ok(())
         }
     }
@@ -289,9 +321,9 @@ async fn preload(clients: &[Store], keys: u64, value: &Bytes) -> anyhow::Result<
             async move { client.put(key(i), value).await }
         })
         .buffer_unordered(64);
-    while let Some(ok) = results.next().await {
-        if !ok {
-            anyhow::bail!("preload write failed");
+    while let Some(result) = results.next().await {
+        if let Err(e) = result {
+            anyhow::bail!("preload write failed: {e}");
         }
         bar.inc(1);
     }
