@@ -1,5 +1,6 @@
 //! Micro-benchmarks of one replica's share of a put, on the real RocksDB store in a temporary
-//! directory: the pieces of the per-put floor that `docs/benchmarks.md` measures end to end.
+//! directory: the storage and encoding pieces of the put path that `docs/benchmarks.md`
+//! measures end to end (where they turn out to be a small part of a put's CPU).
 //!
 //! Every benchmark handles one Raft entry holding a batch of [`PUTS_PER_ENTRY`] puts of
 //! [`VALUE_BYTES`] bytes (about what one Raft round of a shard carries in the 64-client put
