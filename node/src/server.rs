@@ -2,6 +2,7 @@
 //! leaderships move to other replicas, listeners close (no new requests) and the client calls in
 //! flight are answered, every Raft group shuts down, the peer transport stops, storage closes.
 
+use std::collections::HashSet;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -32,7 +33,7 @@ pub const PEER_MESSAGE_BYTES: usize = 256 << 20;
 /// How long a stopping node waits for the client calls in flight to be answered.
 const CLIENT_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// How long a stopping node waits for each of its leaderships to move.
+/// How long a stopping node waits, in all, for its leaderships to move.
 const LEADERSHIP_HANDOVER_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Runs a node until `shutdown` resolves.
@@ -159,25 +160,33 @@ fn identity(config: &NodeConfig, engine: &Engine) -> anyhow::Result<(u64, Option
 
 /// Before a planned stop, moves the leadership of every group this node leads to another replica,
 /// so clients of those shards wait for a hand-over (milliseconds) rather than for an election
-/// timeout. Best effort: a group whose hand-over does not finish in time is left to elect.
+/// timeout. Best effort, bounded by [`LEADERSHIP_HANDOVER_TIMEOUT`] in all: a group with no live
+/// successor, or whose hand-over does not finish in time, is left to elect. Groups this node
+/// comes to lead meanwhile (a peer stopping at the same time handed them here) get a turn too.
 async fn hand_over_leaderships(node: &NodeState) {
-    let layout = node.layout();
-    let me = node.id();
-    let handovers = node
-        .groups
-        .all()
-        .into_iter()
-        .filter(|g| g.is_leader())
-        .filter_map(|g| {
-            let to = layout.replicas(g.id)?.iter().copied().find(|r| *r != me)?;
-            Some(async move {
-                let moved = g
-                    .hand_over_leadership(to, LEADERSHIP_HANDOVER_TIMEOUT)
-                    .await;
-                tracing::info!(group = g.id, to, moved, "leadership hand-over");
-            })
+    let deadline = tokio::time::Instant::now() + LEADERSHIP_HANDOVER_TIMEOUT;
+    // A voter that acknowledged the leader within a few heartbeats is up.
+    let fresh = node.raft_timings.heartbeat * 3;
+    let mut handled = HashSet::new();
+    loop {
+        let led: Vec<_> = node
+            .groups
+            .all()
+            .into_iter()
+            .filter(|g| g.is_leader() && handled.insert(g.id))
+            .collect();
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        if led.is_empty() || left.is_zero() {
+            return;
+        }
+        let handovers = led.iter().map(|g| async move {
+            let outcome = g
+                .hand_over_to_successor(fresh, left, |to| node.pool.peer_down(to))
+                .await;
+            tracing::info!(group = g.id, ?outcome, "leadership hand-over");
         });
-    futures::future::join_all(handovers).await;
+        futures::future::join_all(handovers).await;
+    }
 }
 
 /// Accepted connections with Nagle off: replies are small and latency-bound, and Nagle plus

@@ -194,26 +194,6 @@ impl Group {
             .is_ok()
     }
 
-    /// If this node leads the group, hands leadership to `to` and waits up to `timeout` for it to
-    /// move. Used before a planned stop, so clients see a hand-over instead of an election.
-    pub async fn hand_over_leadership(&self, to: u64, timeout: Duration) -> bool {
-        if !self.is_leader() {
-            return true;
-        }
-        if self.raft.trigger().transfer_leader(to).await.is_err() {
-            return false;
-        }
-        let me = *self.raft.node_id();
-        self.raft
-            .wait(Some(timeout))
-            .metrics(
-                |m| m.current_leader.is_some_and(|l| l != me),
-                "leadership moved",
-            )
-            .await
-            .is_ok()
-    }
-
     /// Makes the voters exactly `voters`, on the leader: each new node is added as a learner and
     /// given up to `catch_up` to receive the log (or a snapshot), then one membership change
     /// replaces the voter set (openraft proposes the joint configuration, then the final one);

@@ -8,11 +8,13 @@
 //! - [`append_stream`]: a replication session's AppendEntries, with commit-only requests merged
 //!   into the next entries.
 //! - [`group`]: one Raft group on this node — creation, writes, reads, status.
+//! - [`hand_over`]: moving a group's leadership to a live successor before a planned stop.
 //! - [`read_batch`]: concurrent linearizable reads of a group share one ReadIndex round.
 
 pub mod append_stream;
 pub mod codec;
 pub mod group;
+pub mod hand_over;
 pub mod network;
 pub mod peer_link;
 pub mod read_batch;

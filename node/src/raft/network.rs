@@ -135,6 +135,13 @@ impl PeerPool {
         Ok(link)
     }
 
+    /// Whether the AppendEntries stream to node `target` is broken right now (false when there
+    /// is none yet).
+    pub fn peer_down(&self, target: u64) -> bool {
+        let links = self.inner.links.lock().expect("links poisoned");
+        links.get(&target).is_some_and(PeerLink::is_down)
+    }
+
     /// The pooled client of node `target`, for the placement driver's calls.
     pub fn peer(&self, target: u64) -> Result<RaftClient<Channel>, String> {
         self.client(target).map_err(|e| e.to_string())

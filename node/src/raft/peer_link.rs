@@ -10,6 +10,8 @@
 //! is a lost message, which openraft retries.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -46,6 +48,8 @@ struct Call {
 #[derive(Clone)]
 pub struct PeerLink {
     calls: mpsc::UnboundedSender<Call>,
+    /// Whether the last attempt to reach the peer failed (see [`PeerLink::is_down`]).
+    down: Arc<AtomicBool>,
 }
 
 impl PeerLink {
@@ -53,8 +57,19 @@ impl PeerLink {
     /// request and reopened on the next request after it breaks.
     pub fn spawn(peer: u64, client: RaftClient<Channel>) -> PeerLink {
         let (calls, queue) = mpsc::unbounded_channel();
-        tokio::spawn(run(peer, client, queue));
-        PeerLink { calls }
+        let down = Arc::new(AtomicBool::new(false));
+        let reachability = Reachability {
+            peer,
+            down: down.clone(),
+        };
+        tokio::spawn(run(reachability, client, queue));
+        PeerLink { calls, down }
+    }
+
+    /// Whether the peer's stream broke (or could not be opened) and has not been reopened since.
+    /// False until the stream was first tried.
+    pub fn is_down(&self) -> bool {
+        self.down.load(Ordering::Relaxed)
     }
 
     /// Sends one AppendEntries payload for `group` and waits up to `timeout` for its answer.
@@ -85,15 +100,15 @@ impl PeerLink {
 /// so its warnings are off by default (see `main.rs`) and this is what the log says instead.
 struct Reachability {
     peer: u64,
-    down: bool,
+    /// Shared with the link's handles.
+    down: Arc<AtomicBool>,
 }
 
 impl Reachability {
     /// Records a failed stream; returns whether that was news (and so was logged).
     fn failed(&mut self, why: &str) -> bool {
-        let news = !self.down;
+        let news = !self.down.swap(true, Ordering::Relaxed);
         if news {
-            self.down = true;
             tracing::warn!(peer = self.peer, "peer unreachable: {why}; retrying");
         }
         news
@@ -101,9 +116,8 @@ impl Reachability {
 
     /// Records an opened stream; returns whether that was news (and so was logged).
     fn opened(&mut self) -> bool {
-        let news = self.down;
+        let news = self.down.swap(false, Ordering::Relaxed);
         if news {
-            self.down = false;
             tracing::info!(peer = self.peer, "peer reachable again");
         }
         news
@@ -112,8 +126,11 @@ impl Reachability {
 
 /// The link's task: opens the stream when there is something to send, then forwards batches and
 /// routes answers until the stream breaks, then waits for the next request.
-async fn run(peer: u64, client: RaftClient<Channel>, mut queue: mpsc::UnboundedReceiver<Call>) {
-    let mut reachability = Reachability { peer, down: false };
+async fn run(
+    mut reachability: Reachability,
+    client: RaftClient<Channel>,
+    mut queue: mpsc::UnboundedReceiver<Call>,
+) {
     while let Some(first) = queue.recv().await {
         let mut stream = Stream::default();
         let batch = stream.batch(first, &mut queue);
@@ -314,14 +331,20 @@ mod tests {
 
     #[test]
     fn reachability_is_logged_once_per_change() {
+        let down = Arc::new(AtomicBool::new(false));
         let mut r = Reachability {
             peer: 3,
-            down: false,
+            down: down.clone(),
         };
         assert!(!r.opened(), "a first stream is not news");
         assert!(r.failed("refused"));
+        assert!(
+            down.load(Ordering::Relaxed),
+            "the link's handles see it down"
+        );
         assert!(!r.failed("refused"), "every retry while down stays quiet");
         assert!(r.opened());
+        assert!(!down.load(Ordering::Relaxed));
         assert!(!r.opened());
         assert!(r.failed("broken"));
     }
