@@ -33,6 +33,9 @@ pub const PEER_MESSAGE_BYTES: usize = 256 << 20;
 /// How long a stopping node waits for the client calls in flight to be answered.
 const CLIENT_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How long a stopping node waits for the peer requests being handled to be answered.
+const PEER_REQUEST_DRAIN_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// How long a stopping node waits, in all, for its leaderships to move.
 const LEADERSHIP_HANDOVER_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -117,7 +120,12 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> anyh
         client_task.abort();
     }
     let _ = driver.await;
-    node.set_stopping();
+    if !node.stop_peer_requests(PEER_REQUEST_DRAIN_TIMEOUT).await {
+        tracing::warn!(
+            node = node.id(),
+            "peer requests still running; stopping anyway"
+        );
+    }
     for g in node.groups.all() {
         g.shutdown().await;
     }

@@ -11,6 +11,7 @@ pub mod transport;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
 use crate::config::RaftTimings;
 use crate::error::KvError;
@@ -49,6 +50,10 @@ pub struct NodeState {
     pub placement_events: EventLog,
     /// Set once the node has begun stopping its groups: peer requests are refused from then on.
     stopping: AtomicBool,
+    /// Held for reading by every peer request being handled, and for writing by the stop, so
+    /// the groups are shut down only after those requests were answered: a request cut off
+    /// inside a stopping Raft instance only makes it log an error.
+    peer_requests: tokio::sync::RwLock<()>,
 }
 
 /// Where a node stands with respect to the cluster.
@@ -112,16 +117,27 @@ impl NodeState {
             adopting: tokio::sync::Mutex::new(()),
             placement_events: EventLog::default(),
             stopping: AtomicBool::new(false),
+            peer_requests: tokio::sync::RwLock::new(()),
         }
     }
 
-    /// Marks the node as stopping its groups (see [`NodeState::is_stopping`]).
-    pub(crate) fn set_stopping(&self) {
+    /// Refuses peer requests from now on and waits up to `timeout` for those being handled to
+    /// be answered; false if some were still running then.
+    pub(crate) async fn stop_peer_requests(&self, timeout: Duration) -> bool {
         self.stopping.store(true, Ordering::Release);
+        tokio::time::timeout(timeout, self.peer_requests.write())
+            .await
+            .is_ok()
     }
 
-    /// Whether the node is stopping its groups. Peer requests are then refused here rather than
-    /// handed to a Raft instance that is shutting down (which would only log an error).
+    /// Admits one peer request: a hold that keeps the groups from being shut down until it is
+    /// dropped, or `None` once the node is stopping.
+    pub(crate) async fn admit_peer_request(&self) -> Option<tokio::sync::RwLockReadGuard<'_, ()>> {
+        let hold = self.peer_requests.read().await;
+        (!self.is_stopping()).then_some(hold)
+    }
+
+    /// Whether the node is stopping its groups (peer requests are refused from then on).
     pub fn is_stopping(&self) -> bool {
         self.stopping.load(Ordering::Acquire)
     }

@@ -14,7 +14,7 @@ use strata_proto::v1::{
     AdminReply, AppendAnswer, AppendBatch, AppendBatchReply, LayoutExchange, RaftReply,
     RaftRequest, SetVotersRequest, SnapshotChunk, TransferLeadershipRequest,
 };
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, RwLockReadGuard};
 use tonic::{Request, Response, Status, Streaming};
 
 use super::NodeState;
@@ -37,22 +37,22 @@ impl TransportService {
     pub fn new(node: Arc<NodeState>) -> Self {
         TransportService { node }
     }
-
-    fn group(&self, id: u64) -> Result<Arc<Group>, Status> {
-        hosted_group(&self.node, id)
-    }
 }
 
-fn hosted_group(node: &NodeState, id: GroupId) -> Result<Arc<Group>, Status> {
-    if node.is_stopping() {
-        return Err(Status::unavailable(format!(
-            "node {} is stopping",
-            node.id()
-        )));
-    }
-    node.groups
-        .get(id)
-        .ok_or_else(|| Status::not_found(format!("group {id} is not hosted on node {}", node.id())))
+/// Admits a peer request for group `id`: a hold that keeps the node from shutting its groups down
+/// until the request is answered, and the group. Refused once the node is stopping.
+async fn admit(
+    node: &NodeState,
+    id: GroupId,
+) -> Result<(RwLockReadGuard<'_, ()>, Arc<Group>), Status> {
+    let hold = node
+        .admit_peer_request()
+        .await
+        .ok_or_else(|| Status::unavailable(format!("node {} is stopping", node.id())))?;
+    let group = node.groups.get(id).ok_or_else(|| {
+        Status::not_found(format!("group {id} is not hosted on node {}", node.id()))
+    })?;
+    Ok((hold, group))
 }
 
 /// The bincode of `r` as `Result<T, String>`, the shape every peer reply carries.
@@ -85,7 +85,7 @@ where
     F: FnOnce(Arc<Group>, Req) -> Fut,
     Fut: Future<Output = Result<Resp, E>>,
 {
-    let group = hosted_group(node, group_id)?;
+    let (_hold, group) = admit(node, group_id).await?;
     let rpc = decode(payload).map_err(bad_payload)?;
     Ok(encode_result(handle(group, rpc).await))
 }
@@ -191,7 +191,6 @@ impl Raft for TransportService {
             .next()
             .await
             .ok_or_else(|| Status::invalid_argument("empty snapshot stream"))??;
-        let g = self.group(first.group_id)?;
         let (vote, meta): (VoteOf<TypeConfig>, SnapshotMetaOf<TypeConfig>) =
             decode(&first.header).map_err(bad_payload)?;
         let mut data = first.data.to_vec();
@@ -202,6 +201,8 @@ impl Raft for TransportService {
             meta,
             snapshot: data,
         };
+        // Admitted only now: receiving the data may take long, installing it does not.
+        let (_hold, g) = admit(&self.node, first.group_id).await?;
         Ok(reply(g.raft().install_full_snapshot(vote, snapshot).await))
     }
 
@@ -226,7 +227,7 @@ impl Raft for TransportService {
         req: Request<SetVotersRequest>,
     ) -> Result<Response<AdminReply>, Status> {
         let req = req.into_inner();
-        let group = self.group(req.group_id)?;
+        let (_hold, group) = admit(&self.node, req.group_id).await?;
         let voters: Vec<NodeSpec> = req
             .voters
             .into_iter()
@@ -250,7 +251,7 @@ impl Raft for TransportService {
         req: Request<TransferLeadershipRequest>,
     ) -> Result<Response<AdminReply>, Status> {
         let req = req.into_inner();
-        let group = self.group(req.group_id)?;
+        let (_hold, group) = admit(&self.node, req.group_id).await?;
         if !group.hand_over_leadership(req.to, TRANSFER_TIMEOUT).await {
             return Err(Status::unavailable(format!(
                 "leadership of group {} did not move to node {}",
