@@ -1,6 +1,6 @@
 //! Cluster control on real `strata-node` processes, through [`strata_cluster::launcher`]: start,
-//! SIGKILL, restart with the same data directory, SIGSTOP / SIGCONT, leaders per shard, membership
-//! changes. Dropping a [`Cluster`] resumes paused nodes and kills every process it started (the
+//! SIGKILL or a graceful stop (SIGTERM), restart with the same data directory, SIGSTOP / SIGCONT,
+//! leaders per shard, membership changes. Dropping a [`Cluster`] resumes paused nodes and kills every process it started (the
 //! launcher kills its children on drop), also when the run panics; its temporary directory goes
 //! with it unless the caller keeps it.
 
@@ -12,6 +12,10 @@ use anyhow::Context;
 use nix::sys::signal::Signal;
 use strata_client::{Client, ClientBuilder};
 use strata_cluster::launcher::{ClusterSpec, LocalCluster};
+
+/// How long a node may take to stop after SIGTERM (it hands its leaderships over and drains its
+/// calls first) before the stop counts as failed.
+const STOP_GRACE: Duration = Duration::from_secs(10);
 
 /// Raft settings for chaos runs: elections within ~1 s so faults resolve inside short runs, and
 /// frequent snapshots with a short kept log tail (25 entries), so followers that fall behind
@@ -33,8 +37,8 @@ pub struct Cluster {
     pub nodes: LocalCluster,
     /// Nodes currently SIGSTOPped.
     paused: BTreeSet<u64>,
-    /// Nodes currently SIGKILLed (to be restarted).
-    killed: BTreeSet<u64>,
+    /// Nodes currently down — SIGKILLed or stopped — to be restarted.
+    down: BTreeSet<u64>,
     /// Partition rules are in place.
     partitioned: bool,
 }
@@ -72,7 +76,7 @@ impl Cluster {
         Ok(Cluster {
             nodes: launched,
             paused: BTreeSet::new(),
-            killed: BTreeSet::new(),
+            down: BTreeSet::new(),
             partitioned: false,
         })
     }
@@ -101,11 +105,11 @@ impl Cluster {
             .map(|n| n.client_addr.clone())
     }
 
-    /// Nodes neither killed nor paused.
+    /// Nodes neither down nor paused.
     pub fn healthy(&self) -> Vec<u64> {
         self.ids()
             .into_iter()
-            .filter(|id| !self.paused.contains(id) && !self.killed.contains(id))
+            .filter(|id| !self.paused.contains(id) && !self.down.contains(id))
             .collect()
     }
 
@@ -115,7 +119,17 @@ impl Cluster {
             let _ = self.nodes.signal(id, Signal::SIGCONT);
         }
         self.nodes.kill_node(id)?;
-        self.killed.insert(id);
+        self.down.insert(id);
+        Ok(())
+    }
+
+    /// Stops node `id` as an operator would before a restart: SIGTERM, and it must exit on its own
+    /// within [`STOP_GRACE`].
+    pub fn stop(&mut self, id: u64) -> anyhow::Result<()> {
+        if self.nodes.stop_node(id, STOP_GRACE)? {
+            anyhow::bail!("node {id} did not stop within {STOP_GRACE:?} of SIGTERM and was killed");
+        }
+        self.down.insert(id);
         Ok(())
     }
 
@@ -161,7 +175,7 @@ impl Cluster {
             .join(" "))
     }
 
-    /// Restarts killed nodes, resumes paused ones, removes partitions.
+    /// Restarts nodes that are down, resumes paused ones, removes partitions.
     pub fn heal(&mut self) -> anyhow::Result<()> {
         if std::mem::take(&mut self.partitioned) {
             crate::net::heal()?;
@@ -169,7 +183,7 @@ impl Cluster {
         for id in std::mem::take(&mut self.paused) {
             self.nodes.signal(id, Signal::SIGCONT)?;
         }
-        for id in std::mem::take(&mut self.killed) {
+        for id in std::mem::take(&mut self.down) {
             self.nodes.start_node(id)?;
         }
         Ok(())

@@ -2,12 +2,13 @@
 //!
 //! Module map, in the order a run uses them:
 //!
-//! - [`control`]: start the cluster, SIGKILL / restart / SIGSTOP / SIGCONT nodes, leaders.
+//! - [`control`]: start the cluster, SIGKILL / SIGTERM / restart / SIGSTOP / SIGCONT nodes,
+//!   leaders.
 //! - [`net`]: the private network namespace and iptables partitions.
 //! - [`history`]: the JSON-lines history (`invoke` / `ok` / `fail` / `info` / nemesis events).
 //! - [`workload`]: register (read / write / CAS) and set (unique adds) workers.
-//! - [`nemesis`]: seeded fault schedules — kill, pause, membership, leader bounce, mixed, and
-//!   request duplication.
+//! - [`nemesis`]: seeded fault schedules — kill, pause, membership, leader bounce, graceful
+//!   restart, mixed, and request duplication.
 //! - [`checker`]: per-key linearizability (Wing & Gong with memoization) and the set check.
 //! - [`runner`]: one scenario end to end: traffic + faults, heal, liveness, convergence, check.
 //! - [`report`]: the readable report of a run.

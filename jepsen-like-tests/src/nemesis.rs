@@ -51,6 +51,9 @@ pub enum Nemesis {
     Membership,
     /// A shard leader killed and restarted at once (a forced election).
     Bounce,
+    /// A shard leader stopped gracefully (SIGTERM: it hands its leaderships over first), then
+    /// restarted: one step of a rolling restart.
+    Restart,
     /// Writes delivered twice with the same request id.
     Duplicate,
     /// A shard's leadership moved to another replica.
@@ -59,8 +62,8 @@ pub enum Nemesis {
     Snapshot,
     /// Network partitions (needs a private network namespace and iptables).
     Partition,
-    /// One of kill, pause, membership, bounce, transfer, snapshot (and partition, where it can
-    /// run) per cycle.
+    /// One of kill, pause, membership, bounce, restart, transfer, snapshot (and partition, where
+    /// it can run) per cycle.
     Mixed,
 }
 
@@ -127,8 +130,10 @@ pub async fn run(
                     Nemesis::Pause,
                     Nemesis::Membership,
                     Nemesis::Bounce,
+                    Nemesis::Restart,
                     Nemesis::Transfer,
                     Nemesis::Snapshot,
+                    // Last: left out where partitions cannot run.
                     Nemesis::Partition,
                 ];
                 let n = kinds.len() - usize::from(!crate::net::in_private_netns());
@@ -178,6 +183,20 @@ pub async fn run(
                 cluster.kill(target)?;
                 cluster.heal()?;
                 recorder.record(event(F::Stop, "bounce", format!("{target}")));
+            }
+            Nemesis::Restart => {
+                let Some(target) = cluster.leader_of(client, shard).await else {
+                    continue;
+                };
+                recorder.record(event(
+                    F::Start,
+                    "restart",
+                    format!("{target} (leader of shard {shard})"),
+                ));
+                cluster.stop(target)?;
+                sleep(timing.hold, &stop).await;
+                cluster.heal()?;
+                recorder.record(event(F::Stop, "restart", format!("{target}")));
             }
             Nemesis::Duplicate => duplicate(client, recorder, faults as u64).await?,
             Nemesis::Transfer => {

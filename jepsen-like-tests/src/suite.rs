@@ -67,6 +67,7 @@ pub fn ci_matrix() -> Vec<Scenario> {
             Nemesis::Transfer,
             12,
         ),
+        s("register-restart", Workload::Register, Nemesis::Restart, 12),
         s(
             "register-duplicate",
             Workload::Register,

@@ -1,6 +1,7 @@
 //! Starts a node — storage, groups, services — serves until told to stop, then stops cleanly:
-//! leaderships move to other replicas, listeners close (no new requests) and the client calls in
-//! flight are answered, every Raft group shuts down, the peer transport stops, storage closes.
+//! leaderships move to live replicas, listeners close (no new requests) and the client calls in
+//! flight are answered, new peer requests are refused and those in progress finish, every Raft
+//! group shuts down, the peer transport stops, storage closes.
 
 use std::collections::HashSet;
 use std::future::Future;
