@@ -124,7 +124,7 @@ impl Cluster {
     }
 
     /// Stops node `id` as an operator would before a restart: SIGTERM, and it must exit on its own
-    /// within [`STOP_GRACE`].
+    /// within 10 s (`STOP_GRACE`).
     pub fn stop(&mut self, id: u64) -> anyhow::Result<()> {
         if self.nodes.stop_node(id, STOP_GRACE)? {
             anyhow::bail!("node {id} did not stop within {STOP_GRACE:?} of SIGTERM and was killed");
