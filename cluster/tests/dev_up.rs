@@ -247,7 +247,41 @@ fn dev_up_serves_the_cli_survives_a_kill_and_restarts_with_its_data() {
         stderr.contains("operations failed, for example") && stderr.contains("the limit is"),
         "{stderr}"
     );
+
+    eprintln!("--- a clean stop logs no error, and the logs are plain text");
+    let logs = node_logs(&dir);
+    let before: Vec<usize> = logs.iter().map(|l| read_log(l).len()).collect();
     dev.ctrl_c();
+    for (log, from) in logs.iter().zip(before) {
+        let text = read_log(log);
+        assert!(
+            !text.contains('\x1b'),
+            "{}: colour codes in a log file",
+            log.display()
+        );
+        let stop = &text[from..];
+        assert!(
+            !stop.contains("ERROR"),
+            "{}: error at a clean stop:\n{stop}",
+            log.display()
+        );
+    }
+}
+
+/// Every node's log file in the cluster directory `dir`.
+fn node_logs(dir: &Path) -> Vec<PathBuf> {
+    let mut logs: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path().join("node.log"))
+        .filter(|p| p.is_file())
+        .collect();
+    logs.sort();
+    assert!(!logs.is_empty(), "no node logs in {}", dir.display());
+    logs
+}
+
+fn read_log(path: &Path) -> String {
+    String::from_utf8_lossy(&std::fs::read(path).unwrap()).into_owned()
 }
 
 #[test]
