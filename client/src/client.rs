@@ -464,13 +464,7 @@ impl Client {
                 }
                 Verdict::NotLeader(hint) => {
                     let mut leaders = self.inner.leaders.lock().expect("leaders poisoned");
-                    match hint {
-                        Some(l) if l != node => {
-                            leaders.set(shard.id, l);
-                            wait = false;
-                        }
-                        _ => leaders.forget(shard.id),
-                    }
+                    wait = !leaders.follow_hint(shard.id, node, hint);
                     last = status.message().to_string();
                 }
                 Verdict::WrongShard => {

@@ -117,6 +117,24 @@ impl LeaderCache {
         }
     }
 
+    /// Follows a `NotLeader` answer from node `from` for `shard` naming `hint` as its leader.
+    /// Returns whether the hint is worth trying at once: it names another node that has not just
+    /// failed. Otherwise the shard's leader is forgotten and the caller backs off before the next
+    /// try — retrying at once would only ask the same replicas again, and during a failover they
+    /// keep naming the dead leader until they elect a new one.
+    pub fn follow_hint(&mut self, shard: u64, from: u64, hint: Option<u64>) -> bool {
+        match hint {
+            Some(l) if l != from && !self.is_suspect(l) => {
+                self.leaders.insert(shard, l);
+                true
+            }
+            _ => {
+                self.forget(shard);
+                false
+            }
+        }
+    }
+
     /// The node to try for `shard` on attempt `attempt`: the cached leader, else the replicas in
     /// turn, skipping nodes that just failed (unless all of them did).
     pub fn pick(&self, shard: u64, replicas: &[u64], attempt: usize) -> u64 {
@@ -194,6 +212,27 @@ mod tests {
         }
         assert!(RouteTable::from_map(map(&[(0, 2000), (2048, 4096)])).is_err());
         assert!(RouteTable::from_map(map(&[(0, 2048)])).is_err());
+    }
+
+    #[test]
+    fn a_hint_is_followed_at_once_only_when_it_names_another_live_node() {
+        let mut c = LeaderCache::default();
+        assert!(
+            c.follow_hint(1, 2, Some(3)),
+            "a fresh hint is tried at once"
+        );
+        assert_eq!(c.get(1), Some(3));
+        assert!(!c.follow_hint(1, 3, Some(3)), "a node naming itself");
+        assert_eq!(c.get(1), None);
+        assert!(!c.follow_hint(1, 2, None), "no leader known");
+        c.suspect(3);
+        // A follower still naming a leader that just failed to answer: without a pause, the
+        // client asked the same follower again and again (61 342 attempts in a 15 s deadline).
+        assert!(
+            !c.follow_hint(1, 2, Some(3)),
+            "a hint naming a failing node"
+        );
+        assert_eq!(c.get(1), None);
     }
 
     #[test]
