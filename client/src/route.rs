@@ -227,7 +227,7 @@ mod tests {
         assert!(!c.follow_hint(1, 2, None), "no leader known");
         c.suspect(3);
         // A follower still naming a leader that just failed to answer: without a pause, the
-        // client asked the same follower again and again (61 342 attempts in a 15 s deadline).
+        // client asked the same follower again and again (61 342 attempts in one 10 s deadline).
         assert!(
             !c.follow_hint(1, 2, Some(3)),
             "a hint naming a failing node"

@@ -1,6 +1,8 @@
 //! `strata`: the operator and user CLI. Parses arguments and hands them to the library; any error
 //! is printed as one line and the exit code is non-zero.
 
+use std::io::Write;
+
 use clap::Parser;
 
 fn main() {
@@ -18,7 +20,9 @@ fn main() {
         .build()
         .expect("tokio runtime");
     if let Err(e) = runtime.block_on(strata_cluster::cli::run(args)) {
-        eprintln!("strata: {e:#}");
+        // Not eprintln!: `dev up` ignores SIGPIPE, and a closed stderr must not turn this into a
+        // panic.
+        let _ = writeln!(std::io::stderr(), "strata: {e:#}");
         std::process::exit(1);
     }
 }

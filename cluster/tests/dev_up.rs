@@ -34,6 +34,13 @@ struct DevUp {
 
 impl DevUp {
     fn start(dir: &Path, base: u16) -> DevUp {
+        Self::start_with(dir, base, Stdio::inherit(), true)
+    }
+
+    /// Starts `dev up` with its stderr going to `stderr`, and returns once it is ready. With
+    /// `keep_reading` false, its output pipes are closed then, as when the `tee` or `grep` it was
+    /// piped into is gone.
+    fn start_with(dir: &Path, base: u16, stderr: Stdio, keep_reading: bool) -> DevUp {
         let mut child = Command::new(STRATA)
             .args([
                 "dev",
@@ -49,7 +56,7 @@ impl DevUp {
             .arg(dir)
             .env("STRATA_NODE_BIN", node_bin())
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(stderr)
             .spawn()
             .expect("spawn strata dev up");
         let stdout = child.stdout.take().unwrap();
@@ -67,8 +74,13 @@ impl DevUp {
                 _ => panic!("dev up exited before it was ready"),
             }
         }
-        // Keep draining stdout so the process never blocks on a full pipe.
-        std::thread::spawn(move || for _ in lines {});
+        if keep_reading {
+            // Keep draining stdout so the process never blocks on a full pipe.
+            std::thread::spawn(move || for _ in lines {});
+        } else {
+            drop(lines);
+            drop(child.stderr.take());
+        }
         DevUp {
             child,
             dir: dir.to_path_buf(),
@@ -77,7 +89,18 @@ impl DevUp {
 
     fn ctrl_c(mut self) {
         kill(Pid::from_raw(self.child.id() as i32), Signal::SIGINT).unwrap();
-        let status = self.child.wait().unwrap();
+        // Its nodes get 10 s to stop after SIGTERM; past that dev up itself is stuck.
+        let until = Instant::now() + Duration::from_secs(30);
+        let status = loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                break status;
+            }
+            assert!(
+                Instant::now() < until,
+                "dev up did not exit within 30 s of Ctrl-C"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        };
         assert!(status.success(), "dev up exit status {status}");
         std::mem::forget(self);
     }
@@ -138,6 +161,29 @@ fn free_base() -> u16 {
             taken.push(base);
             return base;
         }
+    }
+}
+
+#[test]
+fn dev_up_stops_every_node_even_when_its_output_is_gone() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("strata-data");
+    eprintln!("--- dev up piped into a reader that goes away, then Ctrl-C");
+    let dev = DevUp::start_with(&dir, free_base(), Stdio::piped(), false);
+    dev.ctrl_c();
+    let file = ClusterFile::load(&dir).unwrap().unwrap();
+    for n in &file.nodes {
+        assert!(
+            n.pid.is_none(),
+            "node {} left running (pid {:?})",
+            n.id,
+            n.pid
+        );
+        assert!(
+            std::net::TcpStream::connect(&n.client_addr).is_err(),
+            "node {} still listening",
+            n.id
+        );
     }
 }
 

@@ -11,7 +11,7 @@ use strata_node::config::{Args, NodeConfig};
 /// openraft's warnings are mostly one line per failed message to a peer that is down (dozens a
 /// second); the peer transport logs each peer's reachability changes instead. openraft's
 /// heartbeat worker has one error, "failed to send … to RaftCore", and it fires when a group's
-/// core has already shut down — at every clean stop — so that module is off.
+/// core has already shut down — at most clean stops — so that module is off.
 const DEFAULT_LOG_FILTER: &str = "info,openraft=error,openraft::core::heartbeat::worker=off";
 
 fn main() {

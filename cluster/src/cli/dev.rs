@@ -2,6 +2,7 @@
 //! creates `<data-dir>/cluster.json`; later runs restart the same cluster with its data. Ctrl-C or
 //! SIGTERM stops every node cleanly.
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -56,6 +57,30 @@ pub struct RestartArgs {
     /// Directory of the cluster.
     #[arg(long, default_value = super::DEFAULT_DATA_DIR)]
     pub data_dir: PathBuf,
+}
+
+/// Makes a closed output harmless from here on: writing to it fails instead of killing the
+/// process. The CLI otherwise dies quietly on SIGPIPE (`strata status | head`), but `dev up`
+/// supervises its nodes: if the `tee` or `grep` it was piped into goes away — Ctrl-C in the
+/// terminal ends it too — `dev up` must still get to stopping them.
+fn keep_going_without_readers() {
+    // SAFETY: installs no handler, only the ignore disposition.
+    unsafe {
+        let _ = nix::sys::signal::signal(
+            nix::sys::signal::Signal::SIGPIPE,
+            nix::sys::signal::SigHandler::SigIgn,
+        );
+    }
+}
+
+/// One line to stdout, ignoring a reader that has gone away (see [`keep_going_without_readers`]).
+fn out(line: std::fmt::Arguments<'_>) {
+    let _ = writeln!(std::io::stdout(), "{line}");
+}
+
+/// One line to stderr, ignoring a reader that has gone away.
+fn err(line: std::fmt::Arguments<'_>) {
+    let _ = writeln!(std::io::stderr(), "{line}");
 }
 
 /// How long nodes get to stop after SIGTERM before they are killed.
@@ -133,7 +158,12 @@ async fn up(a: &UpArgs) -> anyhow::Result<()> {
             f.shards
         );
     }
-    eprintln!("starting {} nodes from {}", f.nodes.len(), bin.display());
+    keep_going_without_readers();
+    err(format_args!(
+        "starting {} nodes from {}",
+        f.nodes.len(),
+        bin.display()
+    ));
     cluster.start_all()?;
     if let Err(e) = cluster.wait_ready(Duration::from_secs(60)).await {
         let _ = cluster.stop_all(STOP_GRACE);
@@ -142,27 +172,27 @@ async fn up(a: &UpArgs) -> anyhow::Result<()> {
             cluster.dir().display()
         ));
     }
-    println!(
+    out(format_args!(
         "Strata dev cluster is up: {} nodes, {} shards",
         f.nodes.len(),
         f.shards
-    );
+    ));
     for n in &cluster.file().nodes {
-        println!(
+        out(format_args!(
             "  node {}  client {}  peer {}  pid {}  log {}",
             n.id,
             n.client_addr,
             n.peer_addr,
             n.pid.unwrap_or(0),
             n.data_dir.join("node.log").display()
-        );
+        ));
     }
-    println!("endpoints: {}", cluster.endpoints().join(","));
-    println!(
+    out(format_args!("endpoints: {}", cluster.endpoints().join(",")));
+    out(format_args!(
         "cluster file: {}",
         cluster.dir().join(crate::launcher::CLUSTER_FILE).display()
-    );
-    println!("press Ctrl-C to stop all nodes");
+    ));
+    out(format_args!("press Ctrl-C to stop all nodes"));
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -172,12 +202,12 @@ async fn up(a: &UpArgs) -> anyhow::Result<()> {
             _ = term.recv() => break,
             _ = tick.tick() => {
                 for (id, status) in cluster.exited_nodes() {
-                    eprintln!("node {id} exited ({status}); restart it with: strata dev restart-node --id {id} --data-dir {}", a.data_dir.display());
+                    err(format_args!("node {id} exited ({status}); restart it with: strata dev restart-node --id {id} --data-dir {}", a.data_dir.display()));
                 }
             }
         }
     }
-    eprintln!("stopping nodes...");
+    err(format_args!("stopping nodes..."));
     // Reload: a node restarted by `dev restart-node` is recorded there with its new pid.
     let mut cluster = LocalCluster::open_or_create(&a.data_dir, &bin, &spec)?;
     let killed = cluster.stop_all(STOP_GRACE)?;
@@ -189,7 +219,9 @@ async fn up(a: &UpArgs) -> anyhow::Result<()> {
             a.data_dir.display()
         );
     }
-    eprintln!("all nodes stopped; run the same command again to restart the cluster with its data");
+    err(format_args!(
+        "all nodes stopped; run the same command again to restart the cluster with its data"
+    ));
     Ok(())
 }
 
