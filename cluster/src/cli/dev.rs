@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
+use tokio::signal::unix::{signal, SignalKind};
 
 use crate::launcher::{find_node_binary, ClusterSpec, LocalCluster};
 
@@ -159,6 +160,10 @@ async fn up(a: &UpArgs) -> anyhow::Result<()> {
         );
     }
     keep_going_without_readers();
+    // Listen before any node starts, and keep listening: a `ctrl_c()` future made anew on each
+    // pass of the loop below would miss a Ctrl-C that lands between two passes.
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let mut term = signal(SignalKind::terminate())?;
     err(format_args!(
         "starting {} nodes from {}",
         f.nodes.len(),
@@ -194,11 +199,10 @@ async fn up(a: &UpArgs) -> anyhow::Result<()> {
     ));
     out(format_args!("press Ctrl-C to stop all nodes"));
 
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => break,
+            _ = interrupt.recv() => break,
             _ = term.recv() => break,
             _ = tick.tick() => {
                 for (id, status) in cluster.exited_nodes() {
