@@ -21,10 +21,9 @@ pub const TAG_PURGED: u8 = b'p';
 pub const TAG_APPLIED: u8 = b'a';
 /// `sm_meta` tag: the last applied membership.
 pub const TAG_MEMBERSHIP: u8 = b'm';
-/// `sm_meta` tag: a saved write outcome, `client ‖ sequence`.
-pub const TAG_DEDUP: u8 = b'd';
-/// `sm_meta` tag: a client's acknowledged floor, `client`.
-pub const TAG_FLOOR: u8 = b'f';
+/// `sm_meta` tag: a client's de-duplication session, `client`. (Tags `d` and `f` held sessions
+/// in an older format; see `sessions::legacy`.)
+pub const TAG_SESSION: u8 = b's';
 
 /// The node-wide key of the stored layout in `raft_state` (not group-prefixed: 1 byte).
 pub const LAYOUT_KEY: &[u8] = b"L";
@@ -66,26 +65,10 @@ pub fn group_range(group: GroupId) -> ([u8; 8], [u8; 8]) {
     (group.to_be_bytes(), (group + 1).to_be_bytes())
 }
 
-/// `group ‖ TAG_DEDUP ‖ client ‖ sequence`.
-pub fn dedup_key(group: GroupId, client: u64, sequence: u64) -> [u8; 25] {
-    let mut k = [0; 25];
-    k[..9].copy_from_slice(&tag_key(group, TAG_DEDUP));
-    k[9..17].copy_from_slice(&client.to_be_bytes());
-    k[17..].copy_from_slice(&sequence.to_be_bytes());
-    k
-}
-
-/// Client and sequence of a dedup key.
-pub fn parse_dedup_key(key: &[u8]) -> (u64, u64) {
-    let client = u64::from_be_bytes(key[9..17].try_into().expect("dedup key"));
-    let seq = u64::from_be_bytes(key[17..25].try_into().expect("dedup key"));
-    (client, seq)
-}
-
-/// `group ‖ TAG_FLOOR ‖ client`.
-pub fn floor_key(group: GroupId, client: u64) -> [u8; 17] {
+/// `group ‖ TAG_SESSION ‖ client`.
+pub fn session_key(group: GroupId, client: u64) -> [u8; 17] {
     let mut k = [0; 17];
-    k[..9].copy_from_slice(&tag_key(group, TAG_FLOOR));
+    k[..9].copy_from_slice(&tag_key(group, TAG_SESSION));
     k[9..].copy_from_slice(&client.to_be_bytes());
     k
 }
@@ -128,7 +111,8 @@ mod tests {
             let dk = data_key(3, k);
             assert!(dk.as_slice() >= &lo[..] && dk.as_slice() < &hi[..]);
         }
-        assert_eq!(parse_dedup_key(&dedup_key(1, 9, 10)), (9, 10));
+        let sk = session_key(3, 9);
+        assert!(sk.as_slice() >= &lo[..] && sk.as_slice() < &hi[..]);
         let rec = encode_record(5, b"v");
         assert_eq!(decode_record(&rec).unwrap(), (5, &b"v"[..]));
         assert!(decode_record(b"abc").is_err());

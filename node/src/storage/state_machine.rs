@@ -144,13 +144,12 @@ impl StateMachine {
         overlay: &mut Overlay,
     ) -> std::io::Result<Outcome> {
         if !crate::planted::active(crate::planted::Bug::SkipDedup) {
-            if let Some(answer) = self.sessions.precheck(&self.engine, cmd, batch) {
+            if let Some(answer) = self.sessions.precheck(cmd) {
                 return Ok(answer);
             }
         }
         let outcome = execute(&self.engine, self.group, index, &cmd.op, batch, overlay)?;
-        self.sessions
-            .record(&self.engine, cmd, index, &outcome, batch);
+        self.sessions.record(cmd, index, &outcome);
         Ok(outcome)
     }
 
@@ -184,8 +183,9 @@ impl StateMachine {
         Ok(())
     }
 
-    /// Writes the applied id into `batch` and the batch into RocksDB.
-    fn commit(&self, mut batch: WriteBatch) -> std::io::Result<()> {
+    /// Writes the changed sessions and the applied id into `batch`, and the batch into RocksDB.
+    fn commit(&mut self, mut batch: WriteBatch) -> std::io::Result<()> {
+        self.sessions.write_changed(&self.engine, &mut batch);
         let sm = self.engine.cf(CF_SM);
         batch.put_cf(sm, tag_key(self.group, TAG_APPLIED), encode(&self.applied));
         self.engine.write(batch, false)
@@ -205,7 +205,7 @@ impl StateMachine {
         for (key, record) in &body.data {
             b.put_cf(e.cf(CF_DATA), data_key(self.group, key), record);
         }
-        let sessions = SessionTable::from_sessions(self.group, body.sessions);
+        let mut sessions = SessionTable::from_sessions(self.group, body.sessions);
         sessions.write_all(e, &mut b);
         b.put_cf(
             e.cf(CF_SM),
