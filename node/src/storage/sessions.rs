@@ -79,7 +79,7 @@ impl SessionTable {
     }
 
     /// Loads the table of `group` from `sm_meta`, first converting records written by nodes
-    /// before one record per client (see [`legacy`]).
+    /// before one record per client (module `legacy`).
     pub fn load(engine: &Engine, group: GroupId) -> std::io::Result<SessionTable> {
         legacy::convert(engine, group)?;
         let cf = engine.cf(CF_SM);
