@@ -21,6 +21,9 @@ use super::keys::{group_range, CF_DATA, CF_LOG, CF_SM, CF_STATE, LAYOUT_KEY, NOD
 use crate::layout::{GroupId, Layout};
 use crate::raft::TypeConfig;
 
+/// One record read by [`Engine::range`]: key and value, or the read error.
+pub type RecordRead = std::io::Result<(Box<[u8]>, Box<[u8]>)>;
+
 /// WAL size that forces a flush of the column families pinning the oldest WAL file.
 const MAX_TOTAL_WAL_BYTES: u64 = 64 << 20;
 
@@ -119,6 +122,16 @@ impl Engine {
             .expect("column family created at open")
     }
 
+    /// The records of column family `cf` with keys in `lo..hi`, in key order.
+    pub fn range(&self, cf: &str, lo: &[u8], hi: &[u8]) -> impl Iterator<Item = RecordRead> + '_ {
+        let mut opts = ReadOptions::default();
+        opts.set_iterate_upper_bound(hi.to_vec());
+        let mode = IteratorMode::From(lo, rocksdb::Direction::Forward);
+        self.db
+            .iterator_cf_opt(self.cf(cf), opts, mode)
+            .map(|item| item.map_err(io_err))
+    }
+
     /// Writes `batch`; with `sync` the WAL is fsynced before returning.
     pub fn write(&self, batch: WriteBatch, sync: bool) -> std::io::Result<()> {
         let mut opts = WriteOptions::default();
@@ -158,15 +171,9 @@ impl Engine {
     /// Whether any state of `group` (log, vote, applied data) is stored here.
     pub fn holds_group(&self, group: GroupId) -> bool {
         let (lo, hi) = group_range(group);
-        [CF_LOG, CF_STATE, CF_SM].iter().any(|cf| {
-            let mut opts = ReadOptions::default();
-            opts.set_iterate_upper_bound(hi.to_vec());
-            let mode = IteratorMode::From(&lo, rocksdb::Direction::Forward);
-            self.db
-                .iterator_cf_opt(self.cf(cf), opts, mode)
-                .next()
-                .is_some()
-        })
+        [CF_LOG, CF_STATE, CF_SM]
+            .iter()
+            .any(|cf| self.range(cf, &lo, &hi).next().is_some())
     }
 
     /// Deletes every trace of `group` (log, vote, data, sessions), in one synced write. Only for

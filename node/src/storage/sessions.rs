@@ -19,11 +19,12 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
-use rocksdb::{IteratorMode, ReadOptions, WriteBatch};
+use rocksdb::WriteBatch;
 use serde::{Deserialize, Serialize};
 
+use super::engine::RecordRead;
 use super::keys::{session_key, tag_key, CF_SM, TAG_SESSION};
-use super::{io_err, Engine};
+use super::Engine;
 use crate::layout::GroupId;
 use crate::raft::codec::{decode, encode};
 use crate::raft::{Command, Outcome};
@@ -82,14 +83,9 @@ impl SessionTable {
     /// before one record per client (module `legacy`).
     pub fn load(engine: &Engine, group: GroupId) -> std::io::Result<SessionTable> {
         legacy::convert(engine, group)?;
-        let cf = engine.cf(CF_SM);
-        let prefix = tag_key(group, TAG_SESSION);
-        let mut opts = ReadOptions::default();
-        opts.set_iterate_upper_bound(tag_key(group, TAG_SESSION + 1).to_vec());
-        let mode = IteratorMode::From(&prefix, rocksdb::Direction::Forward);
         let mut sessions = Vec::new();
-        for item in engine.db().iterator_cf_opt(cf, opts, mode) {
-            let (k, v) = item.map_err(io_err)?;
+        for item in tagged(engine, group, TAG_SESSION) {
+            let (k, v) = item?;
             sessions.push((client_of(&k)?, decode(&v)?));
         }
         Ok(SessionTable::from_sessions(group, sessions))
@@ -102,11 +98,8 @@ impl SessionTable {
 
     /// Writes every session into `batch` (after a snapshot install cleared the group's range).
     pub fn write_all(&mut self, engine: &Engine, batch: &mut WriteBatch) {
-        self.changed.clear();
-        let cf = engine.cf(CF_SM);
-        for (client, s) in &self.sessions {
-            batch.put_cf(cf, session_key(self.group, *client), encode(s));
-        }
+        self.changed = self.sessions.keys().copied().collect();
+        self.write_changed(engine, batch);
     }
 
     /// Writes the record of every client changed since the last call into `batch`: the session,
@@ -167,6 +160,11 @@ fn be_u64(bytes: &[u8], at: usize, what: &str) -> std::io::Result<u64> {
         .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidData, format!("bad {what}")))
 }
 
+/// The `sm_meta` records of `group` under `tag`.
+fn tagged(engine: &Engine, group: GroupId, tag: u8) -> impl Iterator<Item = RecordRead> + '_ {
+    engine.range(CF_SM, &tag_key(group, tag), &tag_key(group, tag + 1))
+}
+
 /// The client id of a session key (`group ‖ tag ‖ client`).
 fn client_of(key: &[u8]) -> std::io::Result<u64> {
     be_u64(key, 9, "session key")
@@ -186,12 +184,8 @@ mod legacy {
         let cf = engine.cf(CF_SM);
         let mut sessions: BTreeMap<u64, ClientSession> = BTreeMap::new();
         for tag in [TAG_FLOOR, TAG_OUTCOME] {
-            let prefix = tag_key(group, tag);
-            let mut opts = ReadOptions::default();
-            opts.set_iterate_upper_bound(tag_key(group, tag + 1).to_vec());
-            let mode = IteratorMode::From(&prefix, rocksdb::Direction::Forward);
-            for item in engine.db().iterator_cf_opt(cf, opts, mode) {
-                let (k, v) = item.map_err(io_err)?;
+            for item in tagged(engine, group, tag) {
+                let (k, v) = item?;
                 let session = sessions.entry(client_of(&k)?).or_default();
                 if tag == TAG_OUTCOME {
                     let seq = be_u64(&k, 17, "outcome key")?;
@@ -225,6 +219,7 @@ mod legacy {
 mod tests {
     use super::*;
     use crate::raft::Op;
+    use rocksdb::IteratorMode;
 
     fn cmd(client: u64, seq: u64, acked: u64) -> Command {
         Command {

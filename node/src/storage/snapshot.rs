@@ -11,12 +11,11 @@ use std::path::PathBuf;
 
 use openraft::storage::RaftSnapshotBuilder;
 use openraft::type_config::alias::{LogIdOf, SnapshotMetaOf, SnapshotOf, StoredMembershipOf};
-use rocksdb::{IteratorMode, ReadOptions};
 use serde::{Deserialize, Serialize};
 
 use super::keys::{group_range, CF_DATA};
 use super::sessions::ClientSession;
-use super::{io_err, Engine};
+use super::Engine;
 use crate::layout::GroupId;
 use crate::raft::codec::{decode, encode};
 use crate::raft::TypeConfig;
@@ -111,14 +110,10 @@ impl SnapshotBuilder {
 
 fn read_group(engine: &Engine, group: GroupId) -> std::io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
     let (lo, hi) = group_range(group);
-    let mut opts = ReadOptions::default();
-    opts.set_iterate_upper_bound(hi.to_vec());
-    let mode = IteratorMode::From(&lo, rocksdb::Direction::Forward);
     engine
-        .db()
-        .iterator_cf_opt(engine.cf(CF_DATA), opts, mode)
+        .range(CF_DATA, &lo, &hi)
         .map(|item| {
-            let (k, v) = item.map_err(io_err)?;
+            let (k, v) = item?;
             Ok((k[8..].to_vec(), v.to_vec()))
         })
         .collect()
