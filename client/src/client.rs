@@ -217,15 +217,15 @@ impl ClientBuilder {
         self
     }
 
-    /// Connects: loads the shard map from the first endpoint that answers.
+    /// Connects: loads the shard map from the first endpoint that answers. An endpoint that is
+    /// not `host:port` (a missing or non-numeric port, a scheme such as `http://`) is an
+    /// [`Error::InvalidArgument`] naming it, before anything is sent.
     pub async fn connect(self) -> Result<Client, Error> {
         if self.endpoints.is_empty() {
             return Err(Error::InvalidArgument("no endpoints given".into()));
         }
         for e in &self.endpoints {
-            if e.trim().is_empty() {
-                return Err(Error::InvalidArgument("empty endpoint".into()));
-            }
+            check_endpoint(e)?;
         }
         let client = Client {
             inner: Arc::new(Inner {
@@ -240,6 +240,30 @@ impl ClientBuilder {
         };
         client.refresh_map().await?;
         Ok(client)
+    }
+}
+
+/// An endpoint is `host:port` (`[::1]:7101` for IPv6), without a scheme: checked up front so a
+/// typo is named as such instead of surfacing later as a DNS or connection error.
+fn check_endpoint(endpoint: &str) -> Result<(), Error> {
+    let bad = |why: &str| {
+        Err(Error::InvalidArgument(format!(
+            "bad endpoint {endpoint:?}: {why}"
+        )))
+    };
+    if endpoint.trim().is_empty() {
+        return Err(Error::InvalidArgument("empty endpoint".into()));
+    }
+    if endpoint.contains("://") {
+        return bad("give host:port, without a scheme");
+    }
+    match endpoint.rsplit_once(':') {
+        None => bad("missing :port"),
+        Some(("", _)) => bad("missing host"),
+        Some((_, port)) => match port.parse::<u16>() {
+            Ok(p) if p != 0 => Ok(()),
+            _ => bad("the port must be a number from 1 to 65535"),
+        },
     }
 }
 
@@ -892,5 +916,35 @@ impl Client {
                 version: kv.version,
             })
             .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check_endpoint;
+
+    #[test]
+    fn endpoints_are_host_and_port() {
+        for good in [
+            "127.0.0.1:7101",
+            "localhost:1",
+            "[::1]:7101",
+            "node-1.internal:65535",
+        ] {
+            assert!(check_endpoint(good).is_ok(), "{good}");
+        }
+        for (bad, why) in [
+            ("", "empty endpoint"),
+            ("  ", "empty endpoint"),
+            ("127.0.0.1", "missing :port"),
+            (":7101", "missing host"),
+            ("host:port", "number from 1 to 65535"),
+            ("host:0", "number from 1 to 65535"),
+            ("host:70000", "number from 1 to 65535"),
+            ("http://127.0.0.1:7101", "without a scheme"),
+        ] {
+            let e = check_endpoint(bad).expect_err(bad).to_string();
+            assert!(e.contains(why), "{bad:?}: {e}");
+        }
     }
 }
