@@ -37,5 +37,7 @@ pub mod error;
 pub mod route;
 pub mod session;
 
-pub use client::{BatchOp, CasOutcome, Client, ClientBuilder, Consistency, Record, ScanOptions};
+pub use client::{
+    BatchOp, CasOutcome, Client, ClientBuilder, Consistency, Record, ScanOptions, ScanPage,
+};
 pub use error::Error;

@@ -8,6 +8,8 @@ use crate::runner::RunResult;
 
 /// Operations shown per failing key.
 const MAX_LINES_PER_KEY: usize = 200;
+/// Elements shown per list of a set verdict; results.json holds every one.
+const MAX_ELEMENTS_SHOWN: usize = 20;
 
 /// Renders the report text.
 pub fn render(result: &RunResult, events: &[Event]) -> String {
@@ -49,8 +51,13 @@ pub fn render(result: &RunResult, events: &[Event]) -> String {
     if let Some(s) = &c.set {
         let _ = writeln!(
             out,
-            "set: {} acknowledged, {} final reads, lost {:?}, stale {:?}, duplicated {:?}, phantom {:?}",
-            s.acknowledged, s.reads, s.lost, s.stale, s.duplicated, s.phantom
+            "set: {} acknowledged, {} final reads, lost {}, stale {}, duplicated {}, phantom {}",
+            s.acknowledged,
+            s.reads,
+            some_of(&s.lost),
+            some_of(&s.stale),
+            some_of(&s.duplicated),
+            some_of(&s.phantom)
         );
     }
     if !c.unknown.is_empty() {
@@ -98,4 +105,33 @@ fn line(e: &Event) -> String {
             .as_ref()
             .map_or(String::new(), |x| format!("  ({x})"))
     )
+}
+
+/// A list of set elements for the report: all of a short one; the count and the first few of a
+/// long one, which would otherwise bury the rest of the report.
+fn some_of(elements: &[String]) -> String {
+    if elements.len() <= MAX_ELEMENTS_SHOWN {
+        return format!("{elements:?}");
+    }
+    format!(
+        "{} (first {}: {:?}; all in results.json)",
+        elements.len(),
+        MAX_ELEMENTS_SHOWN,
+        &elements[..MAX_ELEMENTS_SHOWN]
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::some_of;
+
+    #[test]
+    fn long_element_lists_are_counted_not_spelled_out() {
+        let few: Vec<String> = (0..3).map(|i| format!("e{i}")).collect();
+        assert_eq!(some_of(&few), r#"["e0", "e1", "e2"]"#);
+        let many: Vec<String> = (0..35_040).map(|i| format!("e{i}")).collect();
+        let shown = some_of(&many);
+        assert!(shown.starts_with("35040 (first 20: [\"e0\""), "{shown}");
+        assert!(!shown.contains("\"e20\""), "{shown}");
+    }
 }

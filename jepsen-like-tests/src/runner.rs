@@ -203,7 +203,9 @@ async fn liveness(client: &Client) -> bool {
     true
 }
 
-/// The set workload's final reads: the whole set, twice, linearizably.
+/// The set workload's final reads: the whole set, twice, linearizably. A read pages through the
+/// set (a scan page is bounded); the pages are read at different moments, which is sound because
+/// every worker has stopped by now.
 async fn final_reads(client: &Client, recorder: &Recorder) {
     for _ in 0..2 {
         let e = recorder.record({
@@ -211,22 +213,11 @@ async fn final_reads(client: &Client, recorder: &Recorder) {
             e.key = Some("set:".into());
             e
         });
-        let opts = ScanOptions {
-            prefix: Bytes::from_static(b"set:"),
-            limit: 10_000,
-            consistency: Consistency::Linearizable,
-            ..Default::default()
-        };
         let mut done = e.clone();
-        match client.scan(opts).await {
-            Ok(records) => {
+        match read_whole_set(client).await {
+            Ok(values) => {
                 done.kind = Kind::Ok;
-                done.values = Some(
-                    records
-                        .iter()
-                        .map(|r| String::from_utf8_lossy(&r.value).to_string())
-                        .collect(),
-                );
+                done.values = Some(values);
             }
             Err(err) => {
                 done.kind = Kind::Fail;
@@ -234,6 +225,32 @@ async fn final_reads(client: &Client, recorder: &Recorder) {
             }
         }
         recorder.record(done);
+    }
+}
+
+/// Every element of the set, page by page until a page says nothing more follows.
+async fn read_whole_set(client: &Client) -> Result<Vec<String>, strata_client::Error> {
+    let mut values = Vec::new();
+    let mut start = Bytes::new();
+    loop {
+        let page = client
+            .scan(ScanOptions {
+                prefix: Bytes::from_static(b"set:"),
+                start: start.clone(),
+                limit: 10_000,
+                consistency: Consistency::Linearizable,
+                ..Default::default()
+            })
+            .await?;
+        values.extend(
+            page.records
+                .iter()
+                .map(|r| String::from_utf8_lossy(&r.value).to_string()),
+        );
+        match page.next_start() {
+            Some(next) => start = next,
+            None => return Ok(values),
+        }
     }
 }
 

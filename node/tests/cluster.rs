@@ -173,7 +173,7 @@ async fn bad_input_is_rejected_with_a_reason_and_writes_nothing() {
     let tc = TestCluster::start(3, 8).await;
     let client = tc.client().await;
     client.put("{user:1}:name", "ada").await.unwrap();
-    let before = client.scan(ScanOptions::default()).await.unwrap();
+    let before = client.scan(ScanOptions::default()).await.unwrap().records;
 
     phase("client API rejects bad keys, values and batches");
     let invalid = |r: Result<u64, Error>, needle: &str| match r {
@@ -248,7 +248,10 @@ async fn bad_input_is_rejected_with_a_reason_and_writes_nothing() {
     assert!(err.message().contains("spans shards"), "{}", err.message());
 
     phase("nothing was written and the cluster keeps serving");
-    assert_eq!(client.scan(ScanOptions::default()).await.unwrap(), before);
+    assert_eq!(
+        client.scan(ScanOptions::default()).await.unwrap().records,
+        before
+    );
     client
         .put("{user:1}:age", "36")
         .await
@@ -497,12 +500,37 @@ async fn cas_and_scan_behave_across_shards() {
         })
         .await
         .unwrap();
+    assert!(items.more, "30 more item: keys follow the first 20");
     let keys: Vec<String> = items
+        .records
         .iter()
         .map(|r| String::from_utf8(r.key.to_vec()).unwrap())
         .collect();
     let expected: Vec<String> = (0..20).map(|i| format!("item:{i:03}")).collect();
     assert_eq!(keys, expected);
+
+    phase("paging on from just after each page's last key reads every item once");
+    let mut paged = Vec::new();
+    let mut start = Bytes::new();
+    loop {
+        let page = client
+            .scan(ScanOptions {
+                prefix: Bytes::from_static(b"item:"),
+                start: start.clone(),
+                limit: 20,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        paged.extend(page.records.iter().map(|r| r.key.clone()));
+        match page.next_start() {
+            Some(next) => start = next,
+            None => break,
+        }
+    }
+    let all: Vec<Bytes> = (0..50).map(|i| format!("item:{i:03}").into()).collect();
+    assert_eq!(paged, all);
+
     let range = client
         .scan(ScanOptions {
             start: Bytes::from_static(b"item:010"),
@@ -511,7 +539,8 @@ async fn cas_and_scan_behave_across_shards() {
         })
         .await
         .unwrap();
-    assert_eq!(range.len(), 5);
+    assert_eq!(range.records.len(), 5);
+    assert!(!range.more);
     assert!(client.delete("item:000").await.unwrap());
     assert!(!client.delete("item:000").await.unwrap());
 }

@@ -161,7 +161,7 @@ pub async fn scan(cli: &Cli, a: &ScanArgs) -> anyhow::Result<()> {
         anyhow::bail!("--limit must be at least 1");
     }
     let client = cli.client().await?;
-    let records = client
+    let page = client
         .scan(ScanOptions {
             prefix: Bytes::from(a.prefix.clone()),
             start: Bytes::from(a.start.clone()),
@@ -170,7 +170,15 @@ pub async fn scan(cli: &Cli, a: &ScanArgs) -> anyhow::Result<()> {
             consistency: a.consistency.into(),
         })
         .await?;
-    let out: Vec<RecordOut> = records
+    if let (true, Some(last)) = (page.more, page.records.last()) {
+        // On stderr, so table and JSON output on stdout stay as they are.
+        eprintln!(
+            "strata: more keys follow; this page ends at {0} (go on with --start {0}, which shows it again, or raise --limit)",
+            show_bytes(&last.key)
+        );
+    }
+    let out: Vec<RecordOut> = page
+        .records
         .iter()
         .map(|r| RecordOut {
             key: show_bytes(&r.key),
