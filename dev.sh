@@ -45,12 +45,40 @@ build() {
   cargo build --release --locked -p strata-node -p strata-cluster
 }
 
+# The chaos suite's partition scenarios cut links with iptables inside a private network
+# namespace (never the host's rules).
+ensure_chaos_deps() {
+  ensure_build_deps
+  if ! command -v iptables >/dev/null 2>&1; then
+    echo "dev.sh: installing iptables with apt-get (for the chaos suite's partition scenarios)" >&2
+    apt_install iptables
+  fi
+}
+
+# A cargo build that prints only its last line, or all of its output if it fails (and then stops
+# the script), so a broken build is never reduced to "build failed".
+cargo_build_quietly() {
+  local log
+  log=$(mktemp)
+  if ! cargo build --release --locked "$@" >"$log" 2>&1; then
+    cat "$log" >&2
+    rm -f "$log"
+    echo "dev.sh: cargo build $* failed (output above)" >&2
+    exit 1
+  fi
+  tail -1 "$log"
+  rm -f "$log"
+}
+
 # The node with the test-only planted bugs, as a separate binary (strata-node-planted), for the
 # chaos suite's must-fail scenarios. Only strata-node is rebuilt for it, not RocksDB.
 build_planted() {
-  cargo build --release --locked -p strata-node --features planted-bugs 2>&1 | tail -1
+  if [ ! -x "$CARGO_TARGET_DIR/release/strata-node-planted" ]; then
+    echo "dev.sh: building strata-node (a first build compiles RocksDB: about 15 minutes on 2 cores)" >&2
+  fi
+  cargo_build_quietly -p strata-node --features planted-bugs
   cp "$CARGO_TARGET_DIR/release/strata-node" "$CARGO_TARGET_DIR/release/strata-node-planted"
-  cargo build --release --locked -p strata-node 2>&1 | tail -1
+  cargo_build_quietly -p strata-node -p strata-jepsen
 }
 
 cmd="${1:-help}"
@@ -61,13 +89,7 @@ case "$cmd" in
     exec "$CARGO_TARGET_DIR/release/strata" dev up "$@"
     ;;
   test)
-    ensure_build_deps
-    # The chaos suite's partition scenarios cut links with iptables inside a private network
-    # namespace (never the host's rules).
-    if ! command -v iptables >/dev/null 2>&1; then
-      echo "dev.sh: installing iptables with apt-get (for the chaos suite's partition scenarios)" >&2
-      apt_install iptables
-    fi
+    ensure_chaos_deps
     build_planted
     log=$(mktemp)
     set +e
@@ -75,7 +97,7 @@ case "$cmd" in
     cargo test --release --locked --workspace --no-fail-fast "$@" 2>&1 | tee "$log"
     status=${PIPESTATUS[0]}
     # The chaos suite's short matrix on real clusters (about 4 minutes), planted bugs included.
-    cargo build --release --locked -p strata-node -p strata-jepsen 2>&1 | tail -1
+    cargo_build_quietly -p strata-node -p strata-jepsen
     chaos_out=$(mktemp -d)
     "$CARGO_TARGET_DIR/release/strata-jepsen" ci --out "$chaos_out" \
       --planted-bin "$CARGO_TARGET_DIR/release/strata-node-planted" 2>&1 | tee -a "$log"
@@ -90,8 +112,8 @@ case "$cmd" in
     [ "$status" = 0 ] && [ "$chaos" = 0 ]
     ;;
   chaos)
+    ensure_chaos_deps
     build_planted
-    cargo build --release --locked -p strata-node -p strata-jepsen
     exec "$CARGO_TARGET_DIR/release/strata-jepsen" "$@"
     ;;
   strata)
