@@ -74,7 +74,7 @@ cargo_build_quietly() {
 # chaos suite's must-fail scenarios. Only strata-node is rebuilt for it, not RocksDB.
 build_planted() {
   if [ ! -x "$CARGO_TARGET_DIR/release/strata-node-planted" ]; then
-    echo "dev.sh: building strata-node (a first build compiles RocksDB: about 15 minutes on 2 cores)" >&2
+    echo "dev.sh: building strata-node (compiling RocksDB, if not built yet, takes 15 to 30 minutes on 2 cores)" >&2
   fi
   cargo_build_quietly -p strata-node --features planted-bugs
   cp "$CARGO_TARGET_DIR/release/strata-node" "$CARGO_TARGET_DIR/release/strata-node-planted"
