@@ -26,7 +26,7 @@ use crate::service::kv::KvService;
 use crate::service::transport::TransportService;
 use crate::service::{NodeParts, NodeState};
 use crate::storage::state_machine::get;
-use crate::storage::Engine;
+use crate::storage::{snapshot, Engine};
 
 /// Largest peer (Raft) message: AppendEntries carries up to 128 entries of up to 1 MiB each.
 pub const PEER_MESSAGE_BYTES: usize = 256 << 20;
@@ -52,6 +52,10 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> anyh
         "starting"
     );
 
+    let snapshot_dir = config.data_dir.join("snapshots");
+    snapshot::remove_staged(&snapshot_dir)
+        .with_context(|| format!("clear staged snapshots in {}", snapshot_dir.display()))?;
+
     let bind_ip = Some(config.peer_addr.ip()).filter(|ip| !ip.is_unspecified());
     let node = Arc::new(NodeState::new(NodeParts {
         id,
@@ -60,7 +64,7 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> anyh
         engine: engine.clone(),
         pool: PeerPool::new(&[], bind_ip, PEER_MESSAGE_BYTES),
         raft_timings: config.raft.clone(),
-        snapshot_dir: config.data_dir.join("snapshots"),
+        snapshot_dir,
         client_addr: config.client_addr.to_string(),
         peer_addr: config.peer_addr.to_string(),
     }));

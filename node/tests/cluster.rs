@@ -600,8 +600,16 @@ async fn follower_behind_a_compacted_log_catches_up_by_snapshot() {
     let follower = (1..=3).find(|n| *n != leader).unwrap();
     tc.cluster.kill_node(follower).expect("kill follower");
 
+    phase("write ~6 MiB in 64 KiB values, so each shard's snapshot spans several 1 MiB chunks");
+    let mut acked = Vec::new();
+    for i in 0..96 {
+        let (k, v) = (format!("big:{i}"), format!("{i:07}|").repeat(8 << 10));
+        let version = client.put(k.clone(), v.clone()).await.expect("big put");
+        acked.push((k, version, v));
+    }
+
     phase("write enough that the leaders snapshot and compact past the follower's log");
-    let acked = put_all(&client, "snap", 400).await;
+    acked.extend(put_all(&client, "snap", 400).await);
 
     phase("the leader's log no longer holds what the follower misses");
     let leader_addr = tc.client_addr(leader);

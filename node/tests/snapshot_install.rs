@@ -1,7 +1,8 @@
 //! A snapshot install cut short by SIGKILL leaves the replica with its old state or the new one,
 //! never a mix, and the replica recovers. The kill is aimed at the moment the follower logs that
 //! it starts installing; the state left on disk is then inspected offline, with the node's own
-//! storage code, before the node is started again.
+//! storage code (whose open finishes an install cut short, as the node's restart does), before
+//! the node is started again.
 
 mod common;
 

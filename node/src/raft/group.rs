@@ -6,7 +6,6 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -21,6 +20,7 @@ use super::read_batch::{linearize_once, ReadBatcher};
 use super::types::{Command, Outcome, TypeConfig};
 use crate::config::RaftTimings;
 use crate::layout::{GroupId, NodeSpec};
+use crate::storage::install::Installs;
 use crate::storage::{Engine, LogStore, StateMachine};
 
 /// Longest wait for one membership change (joint + final configuration) to commit.
@@ -54,8 +54,8 @@ pub struct Group {
     raft: StrataRaft,
     /// Shares ReadIndex rounds between concurrent linearizable reads.
     reads: Arc<ReadBatcher>,
-    /// Snapshots installed from a leader since start (the state machine counts them).
-    snapshot_installs: Arc<AtomicU64>,
+    /// Snapshot installs (the state machine makes them; reads must not overlap one).
+    snapshot_installs: Arc<Installs>,
 }
 
 /// Openraft settings for every group, sized for a busy 2-core machine.
@@ -161,6 +161,13 @@ impl Group {
         }
     }
 
+    /// Runs `read` on this replica's applied state and returns its result, or why not (retryable):
+    /// while a snapshot install replaces the data, a read could see part of the old state and part
+    /// of the new.
+    pub fn read_applied<T>(&self, read: impl FnOnce() -> T) -> Result<T, String> {
+        self.snapshot_installs.read(read).map_err(String::from)
+    }
+
     /// The group's state as this node sees it.
     pub fn status(&self) -> GroupStatus {
         let m = self.raft.metrics().borrow_watched().clone();
@@ -180,7 +187,7 @@ impl Group {
             applied_index: m.last_applied.map_or(0, |l| l.index()),
             snapshot_index: m.snapshot.map_or(0, |l| l.index()),
             purged_index: m.purged.map_or(0, |l| l.index()),
-            snapshots_installed: self.snapshot_installs.load(Ordering::Relaxed),
+            snapshots_installed: self.snapshot_installs.completed(),
             voters: m.membership_config.membership().voter_ids().collect(),
         }
     }

@@ -33,6 +33,7 @@ use super::codec::{decode, encode};
 use super::peer_link::PeerLink;
 use super::TypeConfig;
 use crate::layout::{GroupId, NodeSpec};
+use crate::storage::snapshot::SnapshotData;
 
 /// Snapshot data travels in chunks of this size.
 const SNAPSHOT_CHUNK_BYTES: usize = 1 << 20;
@@ -188,7 +189,7 @@ fn decode_reply<Resp: DeserializeOwned>(payload: &[u8]) -> Result<Resp, RPCError
 }
 
 impl GroupRouter<TypeConfig, GroupId> for PeerPool {
-    type SnapshotData = Vec<u8>;
+    type SnapshotData = SnapshotData;
 
     async fn append_entries(
         &self,
@@ -246,29 +247,15 @@ impl GroupRouter<TypeConfig, GroupId> for PeerPool {
         target: u64,
         group_id: GroupId,
         vote: VoteOf<TypeConfig>,
-        snapshot: SnapshotOf<TypeConfig, Vec<u8>>,
+        snapshot: SnapshotOf<TypeConfig, SnapshotData>,
         cancel: impl Future<Output = ReplicationClosed> + Send + 'static,
         option: RPCOption,
     ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
         let mut client = self.client(target)?;
         let header = encode(&(vote, snapshot.meta));
-        let data = snapshot.snapshot;
-        let mut chunks: Vec<SnapshotChunk> = data
-            .chunks(SNAPSHOT_CHUNK_BYTES)
-            .map(|c| SnapshotChunk {
-                group_id,
-                header: Default::default(),
-                data: bytes::Bytes::copy_from_slice(c),
-            })
-            .collect();
-        if chunks.is_empty() {
-            chunks.push(SnapshotChunk {
-                group_id,
-                ..Default::default()
-            });
-        }
-        chunks[0].header = header.into();
-        let mut request = tonic::Request::new(tokio_stream::iter(chunks));
+        let file = tokio::fs::File::from_std(snapshot.snapshot.into_file());
+        let chunks = snapshot_chunks(group_id, header, file, target);
+        let mut request = tonic::Request::new(chunks);
         request.set_timeout(option.hard_ttl());
         let send = client.install_snapshot(request);
         let reply = tokio::select! {
@@ -289,6 +276,39 @@ impl GroupRouter<TypeConfig, GroupId> for PeerPool {
         // enough not to spin on a dead node.
         Some(Backoff::new(std::iter::repeat(Duration::from_millis(200))))
     }
+}
+
+/// The chunks of a snapshot file read from its start, the first one carrying `header`. A read
+/// error ends the stream early; the receiver then finds the file cut short and refuses it.
+fn snapshot_chunks(
+    group_id: GroupId,
+    header: Vec<u8>,
+    file: tokio::fs::File,
+    target: u64,
+) -> impl futures::Stream<Item = SnapshotChunk> + Send + 'static {
+    use tokio::io::AsyncReadExt;
+    futures::stream::unfold(Some((file, Some(header))), move |state| async move {
+        let (mut file, header) = state?;
+        let mut data = Vec::with_capacity(SNAPSHOT_CHUNK_BYTES);
+        let mut chunk = (&mut file).take(SNAPSHOT_CHUNK_BYTES as u64);
+        if let Err(e) = chunk.read_to_end(&mut data).await {
+            tracing::warn!(
+                group = group_id,
+                target,
+                "reading the snapshot to send: {e}"
+            );
+            return None;
+        }
+        if data.is_empty() && header.is_none() {
+            return None;
+        }
+        let chunk = SnapshotChunk {
+            group_id,
+            header: header.unwrap_or_default().into(),
+            data: data.into(),
+        };
+        Some((chunk, Some((file, None))))
+    })
 }
 
 /// The per-group network factory handed to openraft.
@@ -316,7 +336,7 @@ pub struct GroupNetwork {
 }
 
 impl RaftNetworkV2<TypeConfig> for GroupNetwork {
-    type SnapshotData = Vec<u8>;
+    type SnapshotData = SnapshotData;
 
     async fn append_entries(
         &mut self,
@@ -372,7 +392,7 @@ impl RaftNetworkV2<TypeConfig> for GroupNetwork {
     async fn full_snapshot(
         &mut self,
         vote: VoteOf<TypeConfig>,
-        snapshot: SnapshotOf<TypeConfig, Vec<u8>>,
+        snapshot: SnapshotOf<TypeConfig, SnapshotData>,
         cancel: impl Future<Output = ReplicationClosed> + Send + 'static,
         option: RPCOption,
     ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {

@@ -236,8 +236,13 @@ impl Kv for KvService {
             n => n.min(MAX_SCAN_LIMIT),
         };
         let group = self.readable(req.shard_id, req.consistency).await?;
-        let (items, more) =
-            scan(&self.node.engine, group.id, &start, &end, limit).map_err(storage)?;
+        let (items, more) = group
+            .read_applied(|| scan(&self.node.engine, group.id, &start, &end, limit))
+            .map_err(|reason| KvError::Unavailable {
+                shard: group.id,
+                reason,
+            })?
+            .map_err(storage)?;
         let items = items
             .into_iter()
             .map(|(key, r)| KeyValue {
@@ -375,7 +380,13 @@ fn get_record(
     node: &NodeState,
     key: &Bytes,
 ) -> Result<Option<(u64, Bytes)>, KvError> {
-    let record = get(&node.engine, group.id, key).map_err(storage)?;
+    let record = group
+        .read_applied(|| get(&node.engine, group.id, key))
+        .map_err(|reason| KvError::Unavailable {
+            shard: group.id,
+            reason,
+        })?
+        .map_err(storage)?;
     Ok(record.map(|r| (r.version, r.value)))
 }
 

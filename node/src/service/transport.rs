@@ -14,6 +14,7 @@ use strata_proto::v1::{
     AdminReply, AppendAnswer, AppendBatch, AppendBatchReply, LayoutExchange, RaftReply,
     RaftRequest, SetVotersRequest, SnapshotChunk, TransferLeadershipRequest,
 };
+use tokio::io::AsyncWriteExt;
 use tokio::sync::{mpsc, RwLockReadGuard};
 use tonic::{Request, Response, Status, Streaming};
 
@@ -23,6 +24,7 @@ use crate::membership::driver::{describe, CATCH_UP, TRANSFER_TIMEOUT};
 use crate::membership::reconcile;
 use crate::raft::codec::{decode, encode};
 use crate::raft::{Group, TypeConfig};
+use crate::storage::snapshot::{SnapshotData, SnapshotFile, StagedFile};
 
 /// The answers of one AppendEntries stream.
 type AnswerStream = Pin<Box<dyn Stream<Item = Result<AppendBatchReply, Status>> + Send>>;
@@ -53,6 +55,25 @@ async fn admit(
         Status::not_found(format!("group {id} is not hosted on node {}", node.id()))
     })?;
     Ok((hold, group))
+}
+
+/// Writes the data of a snapshot stream (its `first` chunk and the rest) to a new, fsynced staged
+/// file. The file is deleted again if anything fails.
+async fn receive_snapshot(
+    node: &NodeState,
+    first: SnapshotChunk,
+    mut rest: Streaming<SnapshotChunk>,
+) -> std::io::Result<StagedFile> {
+    let staged = SnapshotFile::new(node.snapshot_dir.clone(), first.group_id).stage()?;
+    let mut out = tokio::fs::File::create(staged.path()).await?;
+    out.write_all(&first.data).await?;
+    while let Some(chunk) = rest.next().await {
+        let chunk = chunk.map_err(std::io::Error::other)?;
+        out.write_all(&chunk.data).await?;
+    }
+    out.flush().await?;
+    out.sync_all().await?;
+    Ok(staged)
 }
 
 /// The bincode of `r` as `Result<T, String>`, the shape every peer reply carries.
@@ -193,16 +214,16 @@ impl Raft for TransportService {
             .ok_or_else(|| Status::invalid_argument("empty snapshot stream"))??;
         let (vote, meta): (VoteOf<TypeConfig>, SnapshotMetaOf<TypeConfig>) =
             decode(&first.header).map_err(bad_payload)?;
-        let mut data = first.data.to_vec();
-        while let Some(chunk) = stream.next().await {
-            data.extend_from_slice(&chunk?.data);
-        }
+        let group = first.group_id;
+        let staged = receive_snapshot(&self.node, first, stream)
+            .await
+            .map_err(|e| Status::internal(format!("receiving a snapshot of group {group}: {e}")))?;
         let snapshot = openraft::Snapshot {
             meta,
-            snapshot: data,
+            snapshot: SnapshotData::staged(staged)?,
         };
         // Admitted only now: receiving the data may take long, installing it does not.
-        let (_hold, g) = admit(&self.node, first.group_id).await?;
+        let (_hold, g) = admit(&self.node, group).await?;
         Ok(reply(g.raft().install_full_snapshot(vote, snapshot).await))
     }
 

@@ -124,8 +124,23 @@ impl Engine {
 
     /// The records of column family `cf` with keys in `lo..hi`, in key order.
     pub fn range(&self, cf: &str, lo: &[u8], hi: &[u8]) -> impl Iterator<Item = RecordRead> + '_ {
+        self.range_at(None, cf, lo, hi)
+    }
+
+    /// [`range`](Self::range) as of `view` (a point-in-time snapshot of the database), or as of
+    /// now without one.
+    pub fn range_at<'a>(
+        &'a self,
+        view: Option<&rocksdb::Snapshot<'_>>,
+        cf: &str,
+        lo: &[u8],
+        hi: &[u8],
+    ) -> impl Iterator<Item = RecordRead> + 'a {
         let mut opts = ReadOptions::default();
         opts.set_iterate_upper_bound(hi.to_vec());
+        if let Some(view) = view {
+            opts.set_snapshot(view);
+        }
         let mode = IteratorMode::From(lo, rocksdb::Direction::Forward);
         self.db
             .iterator_cf_opt(self.cf(cf), opts, mode)

@@ -5,7 +5,9 @@
 //! - [`log_store`]: openraft's log storage for one group.
 //! - [`state_machine`]: the KV state machine of one group (data, applied id, membership).
 //! - [`sessions`]: the de-duplication table of one group (client sessions, bounded).
-//! - [`snapshot`]: snapshot format, build and install.
+//! - [`install`]: installing a snapshot in bounded memory, finished after a crash.
+//! - [`snapshot`]: the current-snapshot file, staged files, and the snapshot builder.
+//! - [`snapshot_format`]: the streamed snapshot file format (writer and checking reader).
 //!
 //! Column families:
 //!
@@ -21,10 +23,12 @@
 //! fsync (after a crash the group replays committed entries from its durable last-applied).
 
 pub mod engine;
+pub mod install;
 pub mod keys;
 pub mod log_store;
 pub mod sessions;
 pub mod snapshot;
+pub mod snapshot_format;
 pub mod state_machine;
 
 pub use engine::Engine;

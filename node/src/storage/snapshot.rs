@@ -1,38 +1,122 @@
-//! Snapshots of one group: format, build, and the current-snapshot file.
+//! Snapshots of one group: the current-snapshot file, the data handle openraft passes around,
+//! and the builder.
 //!
-//! A snapshot is the bincode of [`SnapshotBody`] — every data record of the group's range plus the
-//! client sessions — and travels with openraft's `SnapshotMeta` (last applied log id and
-//! membership). The current snapshot is kept as one file per group, written to a temporary name,
-//! fsynced and renamed, so a crash leaves the old file or the new one.
+//! A snapshot is a file in the format of [`super::snapshot_format`]: every data record of the
+//! group's range plus the client sessions, headed by openraft's `SnapshotMeta`. Nothing holds a
+//! whole snapshot in memory:
+//!
+//! - **Build**: on the state machine task (so it matches the applied index) the builder only pins
+//!   a RocksDB snapshot and copies the sessions; a blocking thread then streams the range from that
+//!   point-in-time view into a staged file while applies go on.
+//! - **Send**: the file is read and sent in chunks (`raft::network`).
+//! - **Receive**: the chunks are written to a staged file (`service::transport`).
+//! - **Install** (`state_machine`): the staged file is checked whole, renamed to the group's
+//!   installing file, read record by record into RocksDB in bounded batches, and then becomes
+//!   the current snapshot. A crash midway is finished from the installing file at the next start.
+//!
+//! A staged file becomes the current one by rename (after its fsync), so a crash leaves the old
+//! file or the new one; staged files left by a crash are deleted at start ([`remove_staged`]).
 
-use std::collections::HashMap;
-use std::io::Write;
-use std::path::PathBuf;
+use std::fs::File;
+use std::io::{Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use openraft::storage::RaftSnapshotBuilder;
 use openraft::type_config::alias::{LogIdOf, SnapshotMetaOf, SnapshotOf, StoredMembershipOf};
-use serde::{Deserialize, Serialize};
+use tokio::task::JoinHandle;
 
 use super::keys::{group_range, CF_DATA};
-use super::sessions::ClientSession;
+use super::snapshot_format::{Sessions, SnapshotReader, SnapshotWriter, MAGIC};
 use super::Engine;
 use crate::layout::GroupId;
-use crate::raft::codec::{decode, encode};
 use crate::raft::TypeConfig;
 
-/// The data of a snapshot.
-#[derive(Serialize, Deserialize, Debug, Default)]
-pub struct SnapshotBody {
-    /// `(user key, stored record)` for every key of the group, in key order.
-    pub data: Vec<(Vec<u8>, Vec<u8>)>,
-    /// Client sessions: `(client id, session)`.
-    pub sessions: Vec<(u64, ClientSession)>,
+/// Suffix of staged files: snapshots being built or received.
+const STAGED_SUFFIX: &str = ".staged";
+
+/// A snapshot's bytes as openraft passes them around: an open snapshot file, read from its start.
+pub struct SnapshotData {
+    file: File,
+    /// Set when the file is a staged one (built or received) that may become the current one.
+    staged: Option<StagedFile>,
+}
+
+impl SnapshotData {
+    /// A received snapshot in staged file `staged`.
+    pub fn staged(staged: StagedFile) -> std::io::Result<SnapshotData> {
+        Ok(SnapshotData {
+            file: File::open(&staged.path)?,
+            staged: Some(staged),
+        })
+    }
+
+    /// The open file, positioned at its start.
+    pub fn into_file(self) -> File {
+        self.file
+    }
+
+    /// The open file and, if it is staged, its staged name.
+    pub fn into_parts(self) -> (File, Option<StagedFile>) {
+        (self.file, self.staged)
+    }
+}
+
+impl std::fmt::Debug for SnapshotData {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SnapshotData")
+            .field("staged", &self.staged.as_ref().map(|s| &s.path))
+            .finish()
+    }
+}
+
+/// A staged snapshot file; deleted when dropped unless it became the current snapshot.
+#[derive(Debug)]
+pub struct StagedFile {
+    path: PathBuf,
+}
+
+impl StagedFile {
+    /// Where the staged file is.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for StagedFile {
+    fn drop(&mut self) {
+        // After a rename into place the name is gone and this is a no-op.
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Deletes the staged files under `dir`: snapshots a crashed process was building or receiving.
+pub fn remove_staged(dir: &Path) -> std::io::Result<()> {
+    let entries = match std::fs::read_dir(dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        other => other?,
+    };
+    for entry in entries {
+        let path = entry?.path();
+        let name = path.to_string_lossy();
+        // `.tmp`: the staged name of nodes before 2026-12-03.
+        if name.ends_with(STAGED_SUFFIX) || name.ends_with(".tmp") {
+            std::fs::remove_file(path)?;
+        }
+    }
+    Ok(())
 }
 
 /// The current-snapshot file of one group.
 #[derive(Clone, Debug)]
 pub struct SnapshotFile {
+    dir: PathBuf,
+    group: GroupId,
     path: PathBuf,
+    /// Serializes publishing, so a build that finishes late cannot replace a newer snapshot
+    /// installed meanwhile.
+    publishing: Arc<Mutex<()>>,
 }
 
 impl SnapshotFile {
@@ -40,98 +124,321 @@ impl SnapshotFile {
     pub fn new(dir: PathBuf, group: GroupId) -> SnapshotFile {
         SnapshotFile {
             path: dir.join(format!("group-{group}.snap")),
+            dir,
+            group,
+            publishing: Arc::default(),
         }
     }
 
-    /// Saves `(meta, data)` atomically (temp file, fsync, rename, fsync dir).
-    pub fn save(&self, meta: &SnapshotMetaOf<TypeConfig>, data: &[u8]) -> std::io::Result<()> {
-        let dir = self.path.parent().expect("snapshot file has a parent");
-        std::fs::create_dir_all(dir)?;
-        let tmp = self.path.with_extension("tmp");
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(&encode(&(meta, data)))?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, &self.path)?;
-        std::fs::File::open(dir)?.sync_all()
+    /// A new, unique staged name for a snapshot of this group (the file is not created).
+    pub fn stage(&self) -> std::io::Result<StagedFile> {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        std::fs::create_dir_all(&self.dir)?;
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        Ok(StagedFile {
+            path: self
+                .dir
+                .join(format!("group-{}.{n}{STAGED_SUFFIX}", self.group)),
+        })
     }
 
-    /// Deletes the snapshot file (the group left this node).
+    /// Makes the fsynced staged file the current snapshot, unless the current one is at least
+    /// as new as `meta` (then the staged file is dropped).
+    pub fn publish(
+        &self,
+        staged: StagedFile,
+        meta: &SnapshotMetaOf<TypeConfig>,
+    ) -> std::io::Result<()> {
+        let _one_at_a_time = self.publishing.lock().expect("publishing lock poisoned");
+        if let Some(current) = self.current_meta()? {
+            if current.last_log_id >= meta.last_log_id {
+                return Ok(());
+            }
+        }
+        std::fs::rename(&staged.path, &self.path)?;
+        File::open(&self.dir)?.sync_all()
+    }
+
+    /// Copies the snapshot in `file` (from its start) to a new staged file, fsynced.
+    pub fn copy_to_stage(&self, mut file: File) -> std::io::Result<StagedFile> {
+        let staged = self.stage()?;
+        let mut out = File::create(&staged.path)?;
+        file.seek(SeekFrom::Start(0))?;
+        std::io::copy(&mut file, &mut out)?;
+        out.sync_all()?;
+        Ok(staged)
+    }
+
+    /// Deletes the snapshot files (the group left this node).
     pub fn remove(&self) -> std::io::Result<()> {
-        match std::fs::remove_file(&self.path) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
-            _ => Ok(()),
+        remove_if_there(&self.path)?;
+        remove_if_there(&self.installing_path())
+    }
+
+    /// Where the snapshot being installed is kept until the install is complete: a crash midway
+    /// is finished from it at the next start.
+    fn installing_path(&self) -> PathBuf {
+        self.dir.join(format!("group-{}.installing", self.group))
+    }
+
+    /// Makes the fsynced staged file the snapshot being installed.
+    pub fn begin_install(&self, staged: StagedFile) -> std::io::Result<()> {
+        std::fs::rename(&staged.path, self.installing_path())?;
+        File::open(&self.dir)?.sync_all()
+    }
+
+    /// The snapshot being installed, opened at its start.
+    pub fn open_installing(&self) -> std::io::Result<File> {
+        File::open(self.installing_path())
+    }
+
+    /// The meta of the snapshot being installed, if there is one.
+    pub fn installing_meta(&self) -> std::io::Result<Option<SnapshotMetaOf<TypeConfig>>> {
+        match File::open(self.installing_path()) {
+            Ok(file) => SnapshotReader::read_meta(file).map(Some),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
         }
     }
 
-    /// Loads the saved snapshot, if any.
-    pub fn load(&self) -> std::io::Result<Option<SnapshotOf<TypeConfig, Vec<u8>>>> {
-        let raw = match std::fs::read(&self.path) {
-            Ok(raw) => raw,
+    /// The installed snapshot becomes the current one (see [`publish`](Self::publish)).
+    pub fn finish_install(&self, meta: &SnapshotMetaOf<TypeConfig>) -> std::io::Result<()> {
+        let installed = StagedFile {
+            path: self.installing_path(),
+        };
+        self.publish(installed, meta)
+    }
+
+    /// Deletes a snapshot whose install never began.
+    pub fn discard_install(&self) -> std::io::Result<()> {
+        remove_if_there(&self.installing_path())
+    }
+
+    /// The current snapshot, if any, converting a file of the earlier format first.
+    pub fn load(&self) -> std::io::Result<Option<SnapshotOf<TypeConfig, SnapshotData>>> {
+        let Some(meta) = self.current_meta()? else {
+            return Ok(None);
+        };
+        let file = File::open(&self.path)?;
+        Ok(Some(openraft::Snapshot {
+            meta,
+            snapshot: SnapshotData { file, staged: None },
+        }))
+    }
+
+    /// The meta of the current snapshot file, if there is one.
+    fn current_meta(&self) -> std::io::Result<Option<SnapshotMetaOf<TypeConfig>>> {
+        let mut file = match File::open(&self.path) {
+            Ok(file) => file,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(e),
         };
-        let (meta, snapshot): (SnapshotMetaOf<TypeConfig>, Vec<u8>) = decode(&raw)?;
-        Ok(Some(openraft::Snapshot { meta, snapshot }))
+        if !legacy::has_magic(&mut file)? {
+            legacy::convert(self)?;
+            file = File::open(&self.path)?;
+        }
+        SnapshotReader::read_meta(file).map(Some)
     }
 }
 
-/// Builds a snapshot from a copy of the group's state taken when the builder was created.
+fn remove_if_there(path: &Path) -> std::io::Result<()> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
+/// Builds a snapshot from the point-in-time view pinned when the builder was created.
 pub struct SnapshotBuilder {
     meta: SnapshotMetaOf<TypeConfig>,
-    body: Result<SnapshotBody, String>,
+    /// The thread writing the staged file; taken by the first build.
+    writing: Option<JoinHandle<std::io::Result<StagedFile>>>,
     file: SnapshotFile,
 }
 
 impl SnapshotBuilder {
-    /// Copies the group's state now. Must run where no apply is in progress (the state machine
-    /// task), so the copy matches `applied`.
-    pub fn capture(
-        engine: &Engine,
+    /// Pins the group's state as of now and starts writing it to a staged file. Must run where no
+    /// apply is in progress (the state machine task): it returns once the view is pinned, so the
+    /// view matches `applied`, and the writing goes on while applies continue.
+    pub async fn capture(
+        engine: Arc<Engine>,
         group: GroupId,
         applied: Option<LogIdOf<TypeConfig>>,
         membership: StoredMembershipOf<TypeConfig>,
-        sessions: &HashMap<u64, ClientSession>,
+        sessions: Sessions,
         file: SnapshotFile,
     ) -> SnapshotBuilder {
-        let body = read_group(engine, group).map(|data| SnapshotBody {
-            data,
-            sessions: sessions.iter().map(|(c, s)| (*c, s.clone())).collect(),
+        let meta = openraft::SnapshotMeta {
+            last_log_id: applied,
+            last_membership: membership,
+        };
+        let (pinned_tx, pinned) = tokio::sync::oneshot::channel();
+        let (job_meta, job_file) = (meta.clone(), file.clone());
+        // The RocksDB snapshot borrows the database, so it is taken and used on one thread.
+        let writing = tokio::task::spawn_blocking(move || {
+            let view = engine.db().snapshot();
+            let _ = pinned_tx.send(());
+            let staged = job_file.stage()?;
+            let mut w = SnapshotWriter::create(&staged.path, &job_meta, &sessions)?;
+            let (lo, hi) = group_range(group);
+            for item in engine.range_at(Some(&view), CF_DATA, &lo, &hi) {
+                let (key, record) = item?;
+                w.record(&key[8..], &record)?;
+            }
+            w.finish()?;
+            Ok(staged)
         });
+        // Wait until the view is pinned (or the job failed before, which the build reports).
+        let _ = pinned.await;
         SnapshotBuilder {
-            meta: openraft::SnapshotMeta {
-                last_log_id: applied,
-                last_membership: membership,
-            },
-            body: body.map_err(|e| e.to_string()),
+            meta,
+            writing: Some(writing),
             file,
         }
     }
 }
 
-fn read_group(engine: &Engine, group: GroupId) -> std::io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
-    let (lo, hi) = group_range(group);
-    engine
-        .range(CF_DATA, &lo, &hi)
-        .map(|item| {
-            let (k, v) = item?;
-            Ok((k[8..].to_vec(), v.to_vec()))
-        })
-        .collect()
-}
-
 impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
-    type SnapshotData = Vec<u8>;
+    type SnapshotData = SnapshotData;
 
-    async fn build_snapshot(&mut self) -> std::io::Result<SnapshotOf<TypeConfig, Vec<u8>>> {
-        let body = self
-            .body
-            .as_ref()
-            .map_err(|e| std::io::Error::other(e.clone()))?;
-        let data = encode(body);
-        self.file.save(&self.meta, &data)?;
+    async fn build_snapshot(&mut self) -> std::io::Result<SnapshotOf<TypeConfig, SnapshotData>> {
+        let writing = self
+            .writing
+            .take()
+            .ok_or_else(|| std::io::Error::other("snapshot builder used twice"))?;
+        let staged = writing.await.map_err(std::io::Error::other)??;
+        // Opened before publishing: the handle stays valid whether the file is renamed into
+        // place or dropped because a newer snapshot was installed meanwhile.
+        let file = File::open(&staged.path)?;
+        self.file.publish(staged, &self.meta)?;
         Ok(openraft::Snapshot {
             meta: self.meta.clone(),
-            snapshot: data,
+            snapshot: SnapshotData { file, staged: None },
         })
+    }
+}
+
+/// Snapshot files as nodes before 2026-12-03 wrote them: the bincode of `(meta, body)`, the
+/// body the bincode of every record and the sessions. Converted once, when first read; this
+/// module can go once no such data dir is left.
+mod legacy {
+    use std::io::Read;
+
+    use serde::Deserialize;
+
+    use super::*;
+    use crate::raft::codec::decode;
+
+    #[derive(Deserialize)]
+    struct Body {
+        data: Vec<(Vec<u8>, Vec<u8>)>,
+        sessions: Sessions,
+    }
+
+    /// Whether `file` starts with the current format's magic; rewinds it.
+    pub(super) fn has_magic(file: &mut File) -> std::io::Result<bool> {
+        let mut magic = [0u8; 8];
+        let n = file.read(&mut magic)?;
+        file.seek(SeekFrom::Start(0))?;
+        Ok(n == magic.len() && &magic == MAGIC)
+    }
+
+    /// Rewrites the current snapshot file of `snap` in the current format.
+    pub(super) fn convert(snap: &SnapshotFile) -> std::io::Result<()> {
+        let raw = std::fs::read(&snap.path)?;
+        let (meta, body): (SnapshotMetaOf<TypeConfig>, Vec<u8>) = decode(&raw)?;
+        let body: Body = decode(&body)?;
+        let staged = snap.stage()?;
+        let mut w = SnapshotWriter::create(&staged.path, &meta, &body.sessions)?;
+        for (key, record) in &body.data {
+            w.record(key, record)?;
+        }
+        w.finish()?;
+        std::fs::rename(&staged.path, &snap.path)?;
+        File::open(&snap.dir)?.sync_all()?;
+        tracing::info!(
+            group = snap.group,
+            "converted a snapshot file to the current format"
+        );
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::raft::codec::encode;
+
+    fn meta(index: u64) -> SnapshotMetaOf<TypeConfig> {
+        openraft::SnapshotMeta {
+            last_log_id: Some(openraft::testing::log_id::<TypeConfig>(1, 1, index)),
+            ..Default::default()
+        }
+    }
+
+    fn staged_snapshot(snap: &SnapshotFile, index: u64) -> StagedFile {
+        let staged = snap.stage().unwrap();
+        let w = SnapshotWriter::create(staged.path(), &meta(index), &Vec::new()).unwrap();
+        w.finish().unwrap();
+        staged
+    }
+
+    #[test]
+    fn publishing_never_replaces_a_newer_snapshot() {
+        let dir = tempfile::tempdir().unwrap();
+        let snap = SnapshotFile::new(dir.path().to_path_buf(), 5);
+        assert!(snap.load().unwrap().is_none());
+        snap.publish(staged_snapshot(&snap, 50), &meta(50)).unwrap();
+        snap.publish(staged_snapshot(&snap, 20), &meta(20)).unwrap();
+        assert_eq!(snap.load().unwrap().unwrap().meta, meta(50));
+        snap.publish(staged_snapshot(&snap, 60), &meta(60)).unwrap();
+        assert_eq!(snap.load().unwrap().unwrap().meta, meta(60));
+        // The refused and the published staged names are both gone.
+        let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+        assert_eq!(names.len(), 1, "{names:?}");
+    }
+
+    #[test]
+    fn staged_files_are_removed_when_dropped_or_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let snap = SnapshotFile::new(dir.path().to_path_buf(), 5);
+        drop(staged_snapshot(&snap, 1));
+        let kept = staged_snapshot(&snap, 2);
+        std::mem::forget(kept); // as if the process had crashed while staging it
+        snap.publish(staged_snapshot(&snap, 3), &meta(3)).unwrap();
+        remove_staged(dir.path()).unwrap();
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("group-5.snap")]);
+    }
+
+    #[test]
+    fn a_file_of_the_earlier_format_is_converted_when_read() {
+        #[derive(serde::Serialize)]
+        struct Body {
+            data: Vec<(Vec<u8>, Vec<u8>)>,
+            sessions: Sessions,
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let snap = SnapshotFile::new(dir.path().to_path_buf(), 5);
+        let body = Body {
+            data: vec![
+                (b"a".to_vec(), b"1".to_vec()),
+                (b"b".to_vec(), b"2".to_vec()),
+            ],
+            sessions: vec![(9, Default::default())],
+        };
+        std::fs::write(&snap.path, encode(&(meta(7), encode(&body)))).unwrap();
+        let loaded = snap.load().unwrap().unwrap();
+        assert_eq!(loaded.meta, meta(7));
+        let mut r = SnapshotReader::open(loaded.snapshot.into_file()).unwrap();
+        assert_eq!(r.take_sessions(), body.sessions);
+        let mut records = Vec::new();
+        while let Some(rec) = r.next_record().unwrap() {
+            records.push(rec);
+        }
+        assert_eq!(records, body.data);
     }
 }

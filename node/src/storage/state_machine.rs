@@ -10,7 +10,6 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -23,12 +22,13 @@ use openraft::type_config::alias::{
 use openraft::EntryPayload;
 use rocksdb::{IteratorMode, ReadOptions, WriteBatch};
 
+use super::install::{self, Installs};
 use super::keys::{
     data_key, decode_record, encode_record, group_range, tag_key, CF_DATA, CF_SM, TAG_APPLIED,
     TAG_MEMBERSHIP,
 };
 use super::sessions::{ClientSession, SessionTable};
-use super::snapshot::{SnapshotBody, SnapshotBuilder, SnapshotFile};
+use super::snapshot::{SnapshotBuilder, SnapshotData, SnapshotFile};
 use super::{io_err, Engine};
 use crate::layout::GroupId;
 use crate::raft::codec::{decode, encode};
@@ -52,8 +52,8 @@ pub struct StateMachine {
     sessions: SessionTable,
     /// Where the group's current snapshot file lives.
     snapshot: SnapshotFile,
-    /// Snapshots installed from a leader since this process started (for status and tests).
-    installs: Arc<AtomicU64>,
+    /// Snapshot installs, shared with the read path and status.
+    installs: Arc<Installs>,
 }
 
 /// A record read from the data column family.
@@ -66,12 +66,14 @@ pub struct Record {
 }
 
 impl StateMachine {
-    /// Opens the state machine of `group`, loading its applied id, membership and sessions.
+    /// Opens the state machine of `group`, loading its applied id, membership and sessions
+    /// (after finishing a snapshot install a crash cut short).
     pub fn open(
         engine: Arc<Engine>,
         group: GroupId,
         snapshot_dir: PathBuf,
     ) -> std::io::Result<StateMachine> {
+        let snapshot = SnapshotFile::new(snapshot_dir, group);
         let sm_cf = engine.cf(CF_SM);
         let get = |tag| {
             engine
@@ -79,10 +81,14 @@ impl StateMachine {
                 .get_cf(sm_cf, tag_key(group, tag))
                 .map_err(io_err)
         };
-        let applied = match get(TAG_APPLIED)? {
-            Some(raw) => decode(&raw)?,
-            None => None,
+        let load_applied = || -> std::io::Result<Option<LogId>> {
+            match get(TAG_APPLIED)? {
+                Some(raw) => decode(&raw),
+                None => Ok(None),
+            }
         };
+        install::recover(&engine, group, &snapshot, load_applied()?)?;
+        let applied = load_applied()?;
         let membership = match get(TAG_MEMBERSHIP)? {
             Some(raw) => decode(&raw)?,
             None => StoredMembership::default(),
@@ -90,7 +96,7 @@ impl StateMachine {
         let sessions = SessionTable::load(&engine, group)?;
         Ok(StateMachine {
             group,
-            snapshot: SnapshotFile::new(snapshot_dir, group),
+            snapshot,
             engine,
             applied,
             membership,
@@ -99,8 +105,8 @@ impl StateMachine {
         })
     }
 
-    /// The counter of snapshots installed from a leader, shared with whoever reports status.
-    pub fn installs(&self) -> Arc<AtomicU64> {
+    /// The group's snapshot installs, shared with whoever reads applied state or reports status.
+    pub fn installs(&self) -> Arc<Installs> {
         self.installs.clone()
     }
 
@@ -189,40 +195,6 @@ impl StateMachine {
         let sm = self.engine.cf(CF_SM);
         batch.put_cf(sm, tag_key(self.group, TAG_APPLIED), encode(&self.applied));
         self.engine.write(batch, false)
-    }
-
-    /// Replaces this group's whole state with a snapshot, atomically.
-    fn replace_state(
-        &mut self,
-        meta: &SnapshotMetaOf<TypeConfig>,
-        body: SnapshotBody,
-    ) -> std::io::Result<()> {
-        let e = &self.engine;
-        let (lo, hi) = group_range(self.group);
-        let mut b = WriteBatch::default();
-        b.delete_range_cf(e.cf(CF_DATA), lo, hi);
-        b.delete_range_cf(e.cf(CF_SM), lo, hi);
-        for (key, record) in &body.data {
-            b.put_cf(e.cf(CF_DATA), data_key(self.group, key), record);
-        }
-        let mut sessions = SessionTable::from_sessions(self.group, body.sessions);
-        sessions.write_all(e, &mut b);
-        b.put_cf(
-            e.cf(CF_SM),
-            tag_key(self.group, TAG_MEMBERSHIP),
-            encode(&meta.last_membership),
-        );
-        b.put_cf(
-            e.cf(CF_SM),
-            tag_key(self.group, TAG_APPLIED),
-            encode(&meta.last_log_id),
-        );
-        // One atomic, synced write: a crash leaves the old state or the new one, never a mix.
-        e.write(b, true)?;
-        self.applied = meta.last_log_id;
-        self.membership = meta.last_membership.clone();
-        self.sessions = sessions;
-        Ok(())
     }
 }
 
@@ -391,7 +363,7 @@ pub fn scan(
 }
 
 impl RaftStateMachine<TypeConfig> for StateMachine {
-    type SnapshotData = Vec<u8>;
+    type SnapshotData = SnapshotData;
     type SnapshotBuilder = SnapshotBuilder;
 
     async fn applied_state(&mut self) -> std::io::Result<(Option<LogId>, StoredMembership)> {
@@ -425,38 +397,50 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     }
 
     async fn try_create_snapshot_builder(&mut self, _force: bool) -> Option<SnapshotBuilder> {
-        // Runs on the state machine task, between applies: the copy taken here is consistent
-        // with `applied`, and the builder works from it while applies continue.
-        Some(SnapshotBuilder::capture(
-            &self.engine,
-            self.group,
-            self.applied,
-            self.membership.clone(),
-            self.sessions.sessions(),
-            self.snapshot.clone(),
-        ))
+        // Runs on the state machine task, between applies: the view pinned here is consistent
+        // with `applied`, and the builder writes from it while applies continue.
+        let sessions = self.sessions.sessions();
+        Some(
+            SnapshotBuilder::capture(
+                self.engine.clone(),
+                self.group,
+                self.applied,
+                self.membership.clone(),
+                sessions.iter().map(|(c, s)| (*c, s.clone())).collect(),
+                self.snapshot.clone(),
+            )
+            .await,
+        )
     }
 
     async fn install_snapshot(
         &mut self,
         meta: &SnapshotMetaOf<TypeConfig>,
-        snapshot: Vec<u8>,
+        snapshot: SnapshotData,
     ) -> std::io::Result<()> {
-        let body: SnapshotBody = decode(&snapshot)?;
-        tracing::info!(
-            group = self.group,
-            keys = body.data.len(),
-            index = meta.last_log_id.map_or(0, |l| l.index()),
-            "installing snapshot"
-        );
-        self.replace_state(meta, body)?;
-        self.installs.fetch_add(1, Ordering::Relaxed);
-        self.snapshot.save(meta, &snapshot)
+        // A received snapshot is already a staged file; one handed over otherwise is copied.
+        let (file, staged) = snapshot.into_parts();
+        let staged = match staged {
+            Some(staged) => staged,
+            None => self.snapshot.copy_to_stage(file)?,
+        };
+        let installed = install::install(
+            &self.engine,
+            self.group,
+            &self.snapshot,
+            staged,
+            meta,
+            &self.installs,
+        )?;
+        self.applied = meta.last_log_id;
+        self.membership = meta.last_membership.clone();
+        self.sessions = installed.sessions;
+        Ok(())
     }
 
     async fn get_current_snapshot(
         &mut self,
-    ) -> std::io::Result<Option<SnapshotOf<TypeConfig, Vec<u8>>>> {
+    ) -> std::io::Result<Option<SnapshotOf<TypeConfig, SnapshotData>>> {
         self.snapshot.load()
     }
 }
