@@ -123,6 +123,18 @@ fn storage(e: std::io::Error) -> KvError {
     KvError::Internal(format!("storage read failed: {e}"))
 }
 
+/// Runs the storage read `read` on `group`'s applied state: `Unavailable` if a snapshot install
+/// overlapped it, `Internal` if storage failed.
+fn read_applied<T>(group: &Group, read: impl FnOnce() -> std::io::Result<T>) -> Result<T, KvError> {
+    group
+        .read_applied(read)
+        .map_err(|reason| KvError::Unavailable {
+            shard: group.id,
+            reason,
+        })?
+        .map_err(storage)
+}
+
 /// The smallest key greater than every key starting with `prefix` (empty = none).
 fn prefix_end(prefix: &[u8]) -> Vec<u8> {
     let mut end = prefix.to_vec();
@@ -236,13 +248,9 @@ impl Kv for KvService {
             n => n.min(MAX_SCAN_LIMIT),
         };
         let group = self.readable(req.shard_id, req.consistency).await?;
-        let (items, more) = group
-            .read_applied(|| scan(&self.node.engine, group.id, &start, &end, limit))
-            .map_err(|reason| KvError::Unavailable {
-                shard: group.id,
-                reason,
-            })?
-            .map_err(storage)?;
+        let (items, more) = read_applied(&group, || {
+            scan(&self.node.engine, group.id, &start, &end, limit)
+        })?;
         let items = items
             .into_iter()
             .map(|(key, r)| KeyValue {
@@ -380,13 +388,7 @@ fn get_record(
     node: &NodeState,
     key: &Bytes,
 ) -> Result<Option<(u64, Bytes)>, KvError> {
-    let record = group
-        .read_applied(|| get(&node.engine, group.id, key))
-        .map_err(|reason| KvError::Unavailable {
-            shard: group.id,
-            reason,
-        })?
-        .map_err(storage)?;
+    let record = read_applied(group, || get(&node.engine, group.id, key))?;
     Ok(record.map(|r| (r.version, r.value)))
 }
 

@@ -19,7 +19,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use openraft::type_config::alias::SnapshotMetaOf;
+use openraft::type_config::alias::{LogIdOf, SnapshotMetaOf};
 use rocksdb::WriteBatch;
 
 use super::keys::{
@@ -113,7 +113,7 @@ pub fn recover(
     engine: &Engine,
     group: GroupId,
     files: &SnapshotFile,
-    applied: Option<openraft::type_config::alias::LogIdOf<TypeConfig>>,
+    applied: Option<LogIdOf<TypeConfig>>,
 ) -> std::io::Result<Option<Installed>> {
     let marker = engine
         .db()
@@ -127,7 +127,7 @@ pub fn recover(
             None => Ok(None),
         };
     };
-    let at: Option<openraft::type_config::alias::LogIdOf<TypeConfig>> = decode(&marker)?;
+    let at: Option<LogIdOf<TypeConfig>> = decode(&marker)?;
     match installing {
         Some(meta) if meta.last_log_id == at => {
             tracing::warn!(group, "finishing a snapshot install cut short");
@@ -267,8 +267,7 @@ mod tests {
         fn applied(&self) -> Option<u64> {
             let sm = self.engine.cf(CF_SM);
             let raw = self.engine.db().get_cf(sm, tag_key(GROUP, TAG_APPLIED));
-            let id: Option<openraft::type_config::alias::LogIdOf<TypeConfig>> =
-                decode(&raw.unwrap()?).unwrap();
+            let id: Option<LogIdOf<TypeConfig>> = decode(&raw.unwrap()?).unwrap();
             id.map(|l| l.index())
         }
 

@@ -194,11 +194,9 @@ impl SnapshotFile {
 
     /// The meta of the snapshot being installed, if there is one.
     pub fn installing_meta(&self) -> std::io::Result<Option<SnapshotMetaOf<TypeConfig>>> {
-        match File::open(self.installing_path()) {
-            Ok(file) => SnapshotReader::read_meta(file).map(Some),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(e),
-        }
+        open_if_there(&self.installing_path())?
+            .map(SnapshotReader::read_meta)
+            .transpose()
     }
 
     /// The installed snapshot becomes the current one (see [`publish`](Self::publish)).
@@ -214,12 +212,13 @@ impl SnapshotFile {
         remove_if_there(&self.installing_path())
     }
 
-    /// The current snapshot, if any, converting a file of the earlier format first.
+    /// The current snapshot, if any.
     pub fn load(&self) -> std::io::Result<Option<SnapshotOf<TypeConfig, SnapshotData>>> {
-        let Some(meta) = self.current_meta()? else {
+        let Some(mut file) = open_if_there(&self.path)? else {
             return Ok(None);
         };
-        let file = File::open(&self.path)?;
+        let meta = SnapshotReader::read_meta(file.try_clone()?)?;
+        file.seek(SeekFrom::Start(0))?;
         Ok(Some(openraft::Snapshot {
             meta,
             snapshot: SnapshotData { file, staged: None },
@@ -228,16 +227,28 @@ impl SnapshotFile {
 
     /// The meta of the current snapshot file, if there is one.
     fn current_meta(&self) -> std::io::Result<Option<SnapshotMetaOf<TypeConfig>>> {
-        let mut file = match File::open(&self.path) {
-            Ok(file) => file,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(e),
+        open_if_there(&self.path)?
+            .map(SnapshotReader::read_meta)
+            .transpose()
+    }
+
+    /// Rewrites a current snapshot file of the earlier format in the current one (at open, once).
+    pub fn convert_legacy(&self) -> std::io::Result<()> {
+        let Some(file) = open_if_there(&self.path)? else {
+            return Ok(());
         };
-        if !legacy::has_magic(&mut file)? {
-            legacy::convert(self)?;
-            file = File::open(&self.path)?;
+        if legacy::has_magic(file)? {
+            return Ok(());
         }
-        SnapshotReader::read_meta(file).map(Some)
+        legacy::convert(self)
+    }
+}
+
+fn open_if_there(path: &Path) -> std::io::Result<Option<File>> {
+    match File::open(path) {
+        Ok(file) => Ok(Some(file)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
     }
 }
 
@@ -319,8 +330,9 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
 }
 
 /// Snapshot files as nodes before 2026-12-03 wrote them: the bincode of `(meta, body)`, the
-/// body the bincode of every record and the sessions. Converted once, when first read; this
-/// module can go once no such data dir is left.
+/// body the bincode of every record and the sessions. Converted once, when the group's state
+/// machine opens ([`SnapshotFile::convert_legacy`]); this module can go once no such data dir is
+/// left.
 mod legacy {
     use std::io::Read;
 
@@ -335,11 +347,10 @@ mod legacy {
         sessions: Sessions,
     }
 
-    /// Whether `file` starts with the current format's magic; rewinds it.
-    pub(super) fn has_magic(file: &mut File) -> std::io::Result<bool> {
+    /// Whether `file` starts with the current format's magic.
+    pub(super) fn has_magic(mut file: File) -> std::io::Result<bool> {
         let mut magic = [0u8; 8];
         let n = file.read(&mut magic)?;
-        file.seek(SeekFrom::Start(0))?;
         Ok(n == magic.len() && &magic == MAGIC)
     }
 
@@ -415,7 +426,7 @@ mod tests {
     }
 
     #[test]
-    fn a_file_of_the_earlier_format_is_converted_when_read() {
+    fn a_file_of_the_earlier_format_is_converted_at_open() {
         #[derive(serde::Serialize)]
         struct Body {
             data: Vec<(Vec<u8>, Vec<u8>)>,
@@ -431,6 +442,7 @@ mod tests {
             sessions: vec![(9, Default::default())],
         };
         std::fs::write(&snap.path, encode(&(meta(7), encode(&body)))).unwrap();
+        snap.convert_legacy().unwrap();
         let loaded = snap.load().unwrap().unwrap();
         assert_eq!(loaded.meta, meta(7));
         let mut r = SnapshotReader::open(loaded.snapshot.into_file()).unwrap();

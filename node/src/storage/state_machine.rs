@@ -74,6 +74,7 @@ impl StateMachine {
         snapshot_dir: PathBuf,
     ) -> std::io::Result<StateMachine> {
         let snapshot = SnapshotFile::new(snapshot_dir, group);
+        snapshot.convert_legacy()?;
         let sm_cf = engine.cf(CF_SM);
         let get = |tag| {
             engine
