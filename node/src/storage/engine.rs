@@ -13,7 +13,8 @@ use std::sync::{Arc, Mutex};
 use openraft::storage::IOFlushed;
 use rocksdb::{
     BlockBasedOptions, Cache, ColumnFamily, ColumnFamilyDescriptor, DBCompressionType,
-    IteratorMode, Options, ReadOptions, WriteBatch, WriteBufferManager, WriteOptions, DB,
+    IngestExternalFileOptions, IteratorMode, Options, ReadOptions, SstFileWriter, WriteBatch,
+    WriteBufferManager, WriteOptions, DB,
 };
 
 use super::io_err;
@@ -38,6 +39,8 @@ pub struct Engine {
     sync_tx: Mutex<Option<mpsc::Sender<IOFlushed<TypeConfig>>>>,
     /// The syncer thread, joined on drop so the database is closed when the engine is gone.
     syncer: Option<std::thread::JoinHandle<()>>,
+    /// The `data` column family's options, for SST files written to be ingested into it.
+    data_options: Options,
 }
 
 impl Engine {
@@ -77,24 +80,13 @@ impl Engine {
         // to persist a growing file size.
         db_opts.set_recycle_log_file_num(4);
 
-        let cf = |name: &str, compress: bool, buffer: usize| {
-            let mut o = Options::default();
-            o.set_block_based_table_factory(&table);
-            o.set_write_buffer_size(buffer);
-            // The log is written once, read rarely and deleted soon: compressing it wastes CPU.
-            o.set_compression_type(if compress {
-                DBCompressionType::Lz4
-            } else {
-                DBCompressionType::None
-            });
-            ColumnFamilyDescriptor::new(name, o)
-        };
         let buffer = (memory_budget / 8).max(1 << 20);
+        let data_options = cf_options(&table, true, buffer);
         let cfs = vec![
-            cf(CF_LOG, false, buffer),
-            cf(CF_STATE, false, 1 << 20),
-            cf(CF_DATA, true, buffer),
-            cf(CF_SM, false, buffer / 2),
+            ColumnFamilyDescriptor::new(CF_LOG, cf_options(&table, false, buffer)),
+            ColumnFamilyDescriptor::new(CF_STATE, cf_options(&table, false, 1 << 20)),
+            ColumnFamilyDescriptor::new(CF_DATA, data_options.clone()),
+            ColumnFamilyDescriptor::new(CF_SM, cf_options(&table, false, buffer / 2)),
         ];
         let db = Arc::new(DB::open_cf_descriptors(&db_opts, dir, cfs)?);
 
@@ -107,6 +99,7 @@ impl Engine {
             db,
             sync_tx: Mutex::new(Some(tx)),
             syncer: Some(syncer),
+            data_options,
         }))
     }
 
@@ -152,6 +145,23 @@ impl Engine {
         let mut opts = WriteOptions::default();
         opts.set_sync(sync);
         self.db.write_opt(batch, &opts).map_err(io_err)
+    }
+
+    /// A writer of an SST file for the `data` column family, in its format (see
+    /// [`ingest_data`](Self::ingest_data)). Keys must be put in strictly increasing order.
+    pub fn data_sst_writer(&self) -> SstFileWriter<'_> {
+        SstFileWriter::create(&self.data_options)
+    }
+
+    /// Moves the finished SST file at `path` into the `data` column family, durably: its records
+    /// become visible at once, newer than every write before, without passing through the WAL
+    /// or a memtable. RocksDB first flushes the memtable if it overlaps the file's keys.
+    pub fn ingest_data(&self, path: &Path) -> std::io::Result<()> {
+        let mut opts = IngestExternalFileOptions::default();
+        opts.set_move_files(true);
+        self.db
+            .ingest_external_file_cf_opts(self.cf(CF_DATA), &opts, vec![path])
+            .map_err(io_err)
     }
 
     /// Completes `callback` after the next WAL fsync (group commit).
@@ -227,6 +237,21 @@ impl Drop for Engine {
             let _ = h.join();
         }
     }
+}
+
+/// The options of one column family: the shared table format (block cache), its memtable size,
+/// and whether its blocks are compressed.
+fn cf_options(table: &BlockBasedOptions, compress: bool, write_buffer: usize) -> Options {
+    let mut o = Options::default();
+    o.set_block_based_table_factory(table);
+    o.set_write_buffer_size(write_buffer);
+    // The log is written once, read rarely and deleted soon: compressing it wastes CPU.
+    o.set_compression_type(if compress {
+        DBCompressionType::Lz4
+    } else {
+        DBCompressionType::None
+    });
+    o
 }
 
 /// The syncer loop: wait for one callback, take all others already queued, fsync once, complete

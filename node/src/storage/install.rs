@@ -1,21 +1,26 @@
 //! Installing a snapshot: replacing a group's whole state with a snapshot file, in bounded memory
 //! and crash-safe.
 //!
-//! The shard is not put in one `WriteBatch` (that would hold it in memory twice: the batch and
-//! the memtable it lands in). Instead, each step durable before the next:
+//! The shard's records do not go through the WAL and the memtables (which would write them three
+//! times — WAL, flush, compaction — and fill the memtables every other group writes to). An
+//! install is delete-range plus ingest, as in TiKV, each step durable before the next:
 //!
-//! 1. the snapshot file, checked whole (count and CRC), is renamed to the group's installing file;
-//! 2. one synced write deletes the group's data and `sm_meta` and stores the install marker
+//! 1. the snapshot file is read through once, checking its count and CRC, and its records are
+//!    written to a staged SST file (fsynced); a corrupt file or one whose keys are out of order
+//!    is refused here, before anything is touched;
+//! 2. the snapshot file is renamed to the group's installing file;
+//! 3. one synced write deletes the group's data and `sm_meta` and stores the install marker
 //!    (`TAG_INSTALLING`, the snapshot's last log id);
-//! 3. the records go in in batches of at most [`INSTALL_BATCH_BYTES`], without fsync;
-//! 4. one synced write stores the sessions, membership and applied id and deletes the marker
-//!    (its fsync also covers step 3: the WAL is one ordered stream);
-//! 5. the installing file becomes the current snapshot.
+//! 4. the SST file is ingested into the `data` column family (durable when it returns; its
+//!    records are newer than the range deletion);
+//! 5. one synced write stores the sessions, membership and applied id and deletes the marker;
+//! 6. the installing file becomes the current snapshot.
 //!
-//! A crash after step 2 leaves the marker: [`recover`], at the next open, runs steps 2–5 again
-//! from the installing file, so the group ends with the new state whole. A crash before leaves
-//! the old state whole. Between steps 2 and 4 the group's data is partial, so reads are refused
-//! while [`Installs`] says an install is under way.
+//! A crash after step 3 leaves the marker: [`recover`], at the next open, runs steps 1 and 3–6
+//! again from the installing file (a second range deletion also covers records a first ingest
+//! left), so the group ends with the new state whole. A crash before leaves the old state whole.
+//! Between steps 3 and 5 the group's data is partial, so reads are refused while [`Installs`]
+//! says an install is under way.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -32,9 +37,6 @@ use super::{io_err, Engine};
 use crate::layout::GroupId;
 use crate::raft::codec::{decode, encode};
 use crate::raft::TypeConfig;
-
-/// Most bytes of records written per `WriteBatch` while installing.
-pub const INSTALL_BATCH_BYTES: usize = 4 << 20;
 
 /// The snapshot installs of one group, shared with the read path: a counter that is odd while an
 /// install is replacing the data (a seqlock). A read that saw the same even value before and
@@ -86,23 +88,25 @@ pub fn install(
     meta: &SnapshotMetaOf<TypeConfig>,
     installs: &Installs,
 ) -> std::io::Result<Installed> {
-    let checked = SnapshotReader::verify(std::fs::File::open(staged.path())?)?;
-    if checked != *meta {
+    let reader = SnapshotReader::open(std::fs::File::open(staged.path())?)?;
+    if reader.meta() != meta {
         return Err(std::io::Error::new(
             std::io::ErrorKind::InvalidData,
             format!(
                 "snapshot file is of {:?}, the install is of {:?}",
-                checked.last_log_id, meta.last_log_id
+                reader.meta().last_log_id,
+                meta.last_log_id
             ),
         ));
     }
+    let prepared = prepare(engine, group, files, reader)?;
     files.begin_install(staged)?;
     let index = meta.last_log_id.map_or(0, |l| l.index());
-    tracing::info!(group, index, "installing snapshot");
+    tracing::info!(group, index, keys = prepared.keys, "installing snapshot");
     installs.bump();
-    let installed = replace_state(engine, group, files, meta)?;
+    let installed = replace_state(engine, group, meta, prepared)?;
     installs.bump();
-    tracing::info!(group, index, keys = installed.keys, "installed snapshot");
+    tracing::info!(group, index, "installed snapshot");
     files.finish_install(meta)?;
     Ok(installed)
 }
@@ -131,7 +135,9 @@ pub fn recover(
     match installing {
         Some(meta) if meta.last_log_id == at => {
             tracing::warn!(group, "finishing a snapshot install cut short");
-            let installed = replace_state(engine, group, files, &meta)?;
+            let reader = SnapshotReader::open(files.open_installing()?)?;
+            let prepared = prepare(engine, group, files, reader)?;
+            let installed = replace_state(engine, group, &meta, prepared)?;
             files.finish_install(&meta)?;
             Ok(Some(installed))
         }
@@ -142,7 +148,53 @@ pub fn recover(
     }
 }
 
-/// Step 2: deletes the group's data and `sm_meta` and stores the install marker, synced.
+/// A snapshot checked whole and turned into an SST file, ready to replace the group's state.
+struct Prepared {
+    sessions: SessionTable,
+    /// The records as a staged SST file; `None` for a snapshot without records (RocksDB does
+    /// not write empty SST files).
+    sst: Option<StagedFile>,
+    keys: u64,
+}
+
+/// Step 1: reads the rest of the snapshot (its records, then its count and CRC) into a staged
+/// SST file, fsynced. Touches no state: on error nothing but the staged file (removed) was
+/// written.
+fn prepare(
+    engine: &Engine,
+    group: GroupId,
+    files: &SnapshotFile,
+    mut reader: SnapshotReader,
+) -> std::io::Result<Prepared> {
+    let sessions = SessionTable::from_sessions(group, reader.take_sessions());
+    let sst = files.stage()?;
+    let mut writer = engine.data_sst_writer();
+    writer.open(sst.path()).map_err(io_err)?;
+    let mut keys = 0;
+    while let Some((key, record)) = reader.next_record()? {
+        // The writer refuses a key not greater than the one before: a snapshot is one range
+        // scan, so its keys come in order, and a file whose keys do not is refused here.
+        writer
+            .put(data_key(group, &key), record)
+            .map_err(|e| invalid_snapshot(format!("record {}: {e}", keys + 1)))?;
+        keys += 1;
+    }
+    if keys == 0 {
+        return Ok(Prepared {
+            sessions,
+            sst: None,
+            keys,
+        });
+    }
+    writer.finish().map_err(io_err)?; // also fsyncs the file
+    Ok(Prepared {
+        sessions,
+        sst: Some(sst),
+        keys,
+    })
+}
+
+/// Step 3: deletes the group's data and `sm_meta` and stores the install marker, synced.
 fn clear_and_mark(
     engine: &Engine,
     group: GroupId,
@@ -157,29 +209,24 @@ fn clear_and_mark(
     engine.write(b, true)
 }
 
-/// Steps 2–4: replaces the group's state with the installing file's.
+/// Steps 3–5: replaces the group's state with the prepared snapshot.
 fn replace_state(
     engine: &Engine,
     group: GroupId,
-    files: &SnapshotFile,
     meta: &SnapshotMetaOf<TypeConfig>,
+    prepared: Prepared,
 ) -> std::io::Result<Installed> {
-    let mut reader = SnapshotReader::open(files.open_installing()?)?;
+    let Prepared {
+        mut sessions,
+        sst,
+        keys,
+    } = prepared;
     clear_and_mark(engine, group, meta)?;
-    let (data, sm) = (engine.cf(CF_DATA), engine.cf(CF_SM));
-    let mut sessions = SessionTable::from_sessions(group, reader.take_sessions());
-    let mut b = WriteBatch::default();
-    let mut keys = 0;
-    while let Some((key, record)) = reader.next_record()? {
-        b.put_cf(data, data_key(group, &key), record);
-        keys += 1;
-        if b.size_in_bytes() >= INSTALL_BATCH_BYTES {
-            engine.write(std::mem::take(&mut b), false)?;
-            // Written out, not fsynced: with manual WAL flush the WAL buffer would otherwise
-            // hold the whole shard until the next sync.
-            engine.db().flush_wal(false).map_err(io_err)?;
-        }
+    if let Some(sst) = &sst {
+        engine.ingest_data(sst.path())?;
     }
+    let sm = engine.cf(CF_SM);
+    let mut b = WriteBatch::default();
     sessions.write_all(engine, &mut b);
     b.put_cf(
         sm,
@@ -190,6 +237,10 @@ fn replace_state(
     b.delete_cf(sm, tag_key(group, TAG_INSTALLING));
     engine.write(b, true)?;
     Ok(Installed { sessions, keys })
+}
+
+fn invalid_snapshot(msg: String) -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::InvalidData, msg)
 }
 
 #[cfg(test)]
@@ -238,10 +289,15 @@ mod tests {
 
         /// A staged snapshot at `index` of `n` keys `k…` whose records carry version `index`.
         fn snapshot(&self, index: u64, n: u64) -> StagedFile {
-            let staged = self.files.stage().unwrap();
-            let mut w = SnapshotWriter::create(staged.path(), &meta(index), &Vec::new()).unwrap();
             let mut keys: Vec<String> = (0..n).map(|i| format!("k{i}")).collect();
             keys.sort();
+            self.snapshot_of(index, &keys)
+        }
+
+        /// A staged snapshot at `index` of `keys`, in the order given.
+        fn snapshot_of(&self, index: u64, keys: &[String]) -> StagedFile {
+            let staged = self.files.stage().unwrap();
+            let mut w = SnapshotWriter::create(staged.path(), &meta(index), &Vec::new()).unwrap();
             for k in keys {
                 w.record(k.as_bytes(), &encode_record(index, b"v")).unwrap();
             }
@@ -271,6 +327,13 @@ mod tests {
             id.map(|l| l.index())
         }
 
+        /// The `data` column family's SST files: (level, number of entries).
+        fn data_files(&self) -> Vec<(i32, u64)> {
+            let files = self.engine.db().live_files().unwrap();
+            let data = files.iter().filter(|f| f.column_family_name == CF_DATA);
+            data.map(|f| (f.level, f.num_entries)).collect()
+        }
+
         fn current_snapshot(&self) -> Option<u64> {
             let current = self.files.load().unwrap()?;
             current.meta.last_log_id.map(|l| l.index())
@@ -282,10 +345,9 @@ mod tests {
     }
 
     #[test]
-    fn an_install_larger_than_a_batch_replaces_the_state_and_becomes_current() {
+    fn an_install_replaces_the_state_and_becomes_current() {
         let node = node();
         node.install(node.snapshot(10, 5), 10).unwrap();
-        // Records of ~30 bytes: 200 000 of them span two install batches.
         let n = 200_000;
         assert_eq!(node.install(node.snapshot(20, n), 20).unwrap().keys, n);
         assert_eq!(node.installs.completed(), 2);
@@ -293,6 +355,54 @@ mod tests {
         assert_eq!(node.version(&format!("k{}", n - 1)), Some(20));
         assert_eq!(node.applied(), Some(20));
         assert_eq!(node.current_snapshot(), Some(20));
+        assert!(node.files.installing_meta().unwrap().is_none());
+    }
+
+    #[test]
+    fn the_records_are_ingested_as_one_sst_file_not_written_through_the_memtable() {
+        let node = node();
+        let n = 50_000;
+        node.install(node.snapshot(10, n), 10).unwrap();
+        let files = node.data_files();
+        assert!(files.iter().any(|&(_, entries)| entries == n), "{files:?}");
+        let db = node.engine.db();
+        let in_memtable = db
+            .property_int_value_cf(
+                node.engine.cf(CF_DATA),
+                "rocksdb.num-entries-active-mem-table",
+            )
+            .unwrap();
+        assert_eq!(in_memtable, Some(0));
+        // No staged file is left behind: the SST was moved into the database.
+        let left: Vec<_> = std::fs::read_dir(node.dir.path().join("snapshots"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert_eq!(left, vec![format!("group-{GROUP}.snap")]);
+    }
+
+    #[test]
+    fn an_empty_snapshot_leaves_the_group_empty() {
+        let node = node();
+        node.install(node.snapshot(10, 3), 10).unwrap();
+        assert_eq!(node.install(node.snapshot(20, 0), 20).unwrap().keys, 0);
+        assert_eq!((node.version("k0"), node.applied()), (None, Some(20)));
+    }
+
+    #[test]
+    fn a_snapshot_with_keys_out_of_order_is_refused_before_anything_is_written() {
+        let node = node();
+        node.install(node.snapshot(10, 3), 10).unwrap();
+        let keys = ["a", "c", "b"].map(String::from);
+        let err = node.install(node.snapshot_of(20, &keys), 20).unwrap_err();
+        assert!(err.to_string().contains("record 3"), "{err}");
+        let same_twice = ["a", "a"].map(String::from);
+        let err = node
+            .install(node.snapshot_of(30, &same_twice), 30)
+            .unwrap_err();
+        assert!(err.to_string().contains("record 2"), "{err}");
+        assert_eq!((node.version("k0"), node.applied()), (Some(10), Some(10)));
+        assert_eq!(node.version("a"), None);
         assert!(node.files.installing_meta().unwrap().is_none());
     }
 
@@ -332,6 +442,30 @@ mod tests {
         assert_eq!(node.applied(), Some(20));
         assert_eq!(node.current_snapshot(), Some(20));
         assert!(node.recover(20).is_none(), "nothing left to finish");
+    }
+
+    #[test]
+    fn a_crash_after_the_ingest_is_finished_at_the_next_open() {
+        let node = node();
+        node.install(node.snapshot(10, 3), 10).unwrap();
+        // An install of index 20 of keys k0..k1 that "crashes" after ingesting, before its last
+        // write: the next open clears and ingests again, and ends with exactly the new state.
+        let staged = node.snapshot(20, 2);
+        let reader = SnapshotReader::open(std::fs::File::open(staged.path()).unwrap()).unwrap();
+        let prepared = prepare(&node.engine, GROUP, &node.files, reader).unwrap();
+        node.files.begin_install(staged).unwrap();
+        clear_and_mark(&node.engine, GROUP, &meta(20)).unwrap();
+        node.engine
+            .ingest_data(prepared.sst.as_ref().unwrap().path())
+            .unwrap();
+        drop(prepared);
+
+        let node = node.reopen();
+        assert_eq!(node.recover(0).expect("the install is finished").keys, 2);
+        assert_eq!(node.version("k1"), Some(20));
+        assert_eq!(node.version("k2"), None, "the old state is gone");
+        assert_eq!(node.applied(), Some(20));
+        assert_eq!(node.current_snapshot(), Some(20));
     }
 
     #[test]

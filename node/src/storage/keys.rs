@@ -25,7 +25,7 @@ pub const TAG_MEMBERSHIP: u8 = b'm';
 /// in an older format; see `sessions::legacy`.)
 pub const TAG_SESSION: u8 = b's';
 /// `sm_meta` tag: present while a snapshot install replaces the group's state; holds the
-/// snapshot's last log id (see `state_machine`, installing a snapshot).
+/// snapshot's last log id (see `install`).
 pub const TAG_INSTALLING: u8 = b'i';
 
 /// The node-wide key of the stored layout in `raft_state` (not group-prefixed: 1 byte).

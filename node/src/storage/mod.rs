@@ -5,7 +5,7 @@
 //! - [`log_store`]: openraft's log storage for one group.
 //! - [`state_machine`]: the KV state machine of one group (data, applied id, membership).
 //! - [`sessions`]: the de-duplication table of one group (client sessions, bounded).
-//! - [`install`]: installing a snapshot in bounded memory, finished after a crash.
+//! - [`install`]: installing a snapshot (delete-range plus SST ingest), finished after a crash.
 //! - [`snapshot`]: the current-snapshot file, staged files, and the snapshot builder.
 //! - [`snapshot_format`]: the streamed snapshot file format (writer and checking reader).
 //!

@@ -425,14 +425,15 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             Some(staged) => staged,
             None => self.snapshot.copy_to_stage(file)?,
         };
-        let installed = install::install(
-            &self.engine,
-            self.group,
-            &self.snapshot,
-            staged,
-            meta,
-            &self.installs,
-        )?;
+        // Seconds of disk work for a large shard: on a blocking thread, not a runtime worker
+        // (the applies wait anyway; heartbeats and other groups must not).
+        let (engine, group, files) = (self.engine.clone(), self.group, self.snapshot.clone());
+        let (installs, install_meta) = (self.installs.clone(), meta.clone());
+        let installed = tokio::task::spawn_blocking(move || {
+            install::install(&engine, group, &files, staged, &install_meta, &installs)
+        })
+        .await
+        .map_err(std::io::Error::other)??;
         self.applied = meta.last_log_id;
         self.membership = meta.last_membership.clone();
         self.sessions = installed.sessions;
