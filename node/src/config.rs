@@ -15,6 +15,10 @@ use serde::Deserialize;
 use crate::layout::{NodePhase, NodeSpec};
 use crate::limits::Limits;
 
+/// Default of `--snapshot-send-mb-per-sec`: TiKV's default snapshot I/O rate, well below what
+/// one disk or a 10 Gbit/s link carries.
+const DEFAULT_SNAPSHOT_SEND_MB_PER_SEC: u64 = 100;
+
 /// Command-line flags (each also readable from its `STRATA_*` environment variable).
 #[derive(Parser, Debug, Default)]
 #[command(name = "strata-node", version, about = "A Strata storage node")]
@@ -64,6 +68,10 @@ pub struct Args {
     /// Memory budget for RocksDB memtables and block cache, in MiB, shared by all shards.
     #[arg(long, env = "STRATA_MEMORY_BUDGET_MB")]
     pub memory_budget_mb: Option<usize>,
+    /// Most snapshot bytes this node sends per second, in MiB, shared by all snapshots it sends
+    /// at once (0: unlimited). Keeps a follower's catch-up from starving the leader's writes.
+    #[arg(long, env = "STRATA_SNAPSHOT_SEND_MB_PER_SEC")]
+    pub snapshot_send_mb_per_sec: Option<u64>,
     /// Largest accepted key, in bytes.
     #[arg(long, env = "STRATA_MAX_KEY_BYTES")]
     pub max_key_bytes: Option<usize>,
@@ -95,6 +103,7 @@ struct FileConfig {
     election_timeout_max_ms: Option<u64>,
     snapshot_logs: Option<u64>,
     memory_budget_mb: Option<usize>,
+    snapshot_send_mb_per_sec: Option<u64>,
     max_key_bytes: Option<usize>,
     max_value_bytes: Option<usize>,
     max_batch_ops: Option<usize>,
@@ -137,6 +146,8 @@ pub struct NodeConfig {
     pub raft: RaftTimings,
     /// RocksDB memory budget in bytes.
     pub memory_budget_bytes: usize,
+    /// Most snapshot bytes sent per second (0: unlimited).
+    pub snapshot_send_bytes_per_sec: u64,
     /// Input limits.
     pub limits: Limits,
 }
@@ -222,6 +233,12 @@ impl NodeConfig {
                 .or(file.memory_budget_mb)
                 .unwrap_or(64)
                 << 20,
+            snapshot_send_bytes_per_sec: args
+                .snapshot_send_mb_per_sec
+                .or(file.snapshot_send_mb_per_sec)
+                .unwrap_or(DEFAULT_SNAPSHOT_SEND_MB_PER_SEC)
+                .checked_mul(1 << 20)
+                .context("snapshot-send-mb-per-sec is too large")?,
             limits: Limits {
                 max_key_bytes: args
                     .max_key_bytes
@@ -328,6 +345,34 @@ mod tests {
         assert_eq!(c.shards, 16, "flag wins over file");
         assert_eq!(c.raft.heartbeat, Duration::from_millis(50));
         assert_eq!(c.replication, 3, "default");
+        assert_eq!(c.snapshot_send_bytes_per_sec, 100 << 20, "default");
+    }
+
+    #[test]
+    fn the_snapshot_send_rate_is_in_mib_and_zero_is_unlimited() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node.toml");
+        std::fs::write(&path, "id = 1\nsnapshot_send_mb_per_sec = 0\n").unwrap();
+        let from_file = Args {
+            config: Some(path),
+            ..Default::default()
+        };
+        let c = NodeConfig::resolve(from_file).unwrap();
+        assert_eq!(c.snapshot_send_bytes_per_sec, 0);
+        let c = NodeConfig::resolve(Args {
+            id: Some(1),
+            snapshot_send_mb_per_sec: Some(40),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(c.snapshot_send_bytes_per_sec, 40 << 20);
+        let err = NodeConfig::resolve(Args {
+            id: Some(1),
+            snapshot_send_mb_per_sec: Some(u64::MAX),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("too large"), "{err}");
     }
 
     #[test]

@@ -62,7 +62,12 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> anyh
         layout: Layout::empty(),
         limits: config.limits.clone(),
         engine: engine.clone(),
-        pool: PeerPool::new(&[], bind_ip, PEER_MESSAGE_BYTES),
+        pool: PeerPool::new(
+            &[],
+            bind_ip,
+            PEER_MESSAGE_BYTES,
+            config.snapshot_send_bytes_per_sec,
+        ),
         raft_timings: config.raft.clone(),
         snapshot_dir,
         client_addr: config.client_addr.to_string(),

@@ -10,6 +10,7 @@
 //! - [`group`]: one Raft group on this node — creation, writes, reads, status.
 //! - [`hand_over`]: moving a group's leadership to a live successor before a planned stop.
 //! - [`read_batch`]: concurrent linearizable reads of a group share one ReadIndex round.
+//! - [`snapshot_pace`]: the node's budget of outgoing snapshot bytes per second.
 
 pub mod append_stream;
 pub mod codec;
@@ -18,6 +19,7 @@ pub mod hand_over;
 pub mod network;
 pub mod peer_link;
 pub mod read_batch;
+pub mod snapshot_pace;
 pub mod types;
 
 pub use group::{Group, Groups};

@@ -31,6 +31,7 @@ use tonic::transport::{Channel, Endpoint};
 use super::append_stream::{CoalescingSession, COMMIT_LINGER};
 use super::codec::{decode, encode};
 use super::peer_link::PeerLink;
+use super::snapshot_pace::SnapshotPace;
 use super::TypeConfig;
 use crate::layout::{GroupId, NodeSpec};
 use crate::storage::snapshot::SnapshotData;
@@ -55,6 +56,8 @@ struct PoolInner {
     bind_ip: Option<IpAddr>,
     /// gRPC message size limit.
     max_message: usize,
+    /// The budget of outgoing snapshot bytes, shared by every snapshot this node sends.
+    snapshot_pace: SnapshotPace,
 }
 
 /// Which peer RPC to call.
@@ -66,8 +69,14 @@ enum Rpc {
 }
 
 impl PeerPool {
-    /// A pool knowing `nodes`; connections bind to `bind_ip` when given.
-    pub fn new(nodes: &[NodeSpec], bind_ip: Option<IpAddr>, max_message: usize) -> PeerPool {
+    /// A pool knowing `nodes`; connections bind to `bind_ip` when given; snapshots are sent at
+    /// most at `snapshot_bytes_per_sec` in all (0: unlimited).
+    pub fn new(
+        nodes: &[NodeSpec],
+        bind_ip: Option<IpAddr>,
+        max_message: usize,
+        snapshot_bytes_per_sec: u64,
+    ) -> PeerPool {
         let addrs = nodes.iter().map(|n| (n.id, n.peer_addr.clone())).collect();
         PeerPool {
             inner: Arc::new(PoolInner {
@@ -76,6 +85,7 @@ impl PeerPool {
                 links: Mutex::new(HashMap::new()),
                 bind_ip,
                 max_message,
+                snapshot_pace: SnapshotPace::new(snapshot_bytes_per_sec),
             }),
         }
     }
@@ -254,7 +264,7 @@ impl GroupRouter<TypeConfig, GroupId> for PeerPool {
         let mut client = self.client(target)?;
         let header = encode(&(vote, snapshot.meta));
         let file = tokio::fs::File::from_std(snapshot.snapshot.into_file());
-        let chunks = snapshot_chunks(group_id, header, file, target);
+        let chunks = snapshot_chunks(group_id, header, file, target, self.clone());
         let mut request = tonic::Request::new(chunks);
         request.set_timeout(option.hard_ttl());
         let send = client.install_snapshot(request);
@@ -278,17 +288,19 @@ impl GroupRouter<TypeConfig, GroupId> for PeerPool {
     }
 }
 
-/// The chunks of a snapshot file read from its start, the first one carrying `header`. A read
-/// error ends the stream early; the receiver then finds the file cut short and refuses it.
+/// The chunks of a snapshot file read from its start, the first one carrying `header`, each at
+/// the pace of the pool's snapshot budget. A read error ends the stream early; the receiver then
+/// finds the file cut short and refuses it.
 fn snapshot_chunks(
     group_id: GroupId,
     header: Vec<u8>,
     file: tokio::fs::File,
     target: u64,
+    pool: PeerPool,
 ) -> impl futures::Stream<Item = SnapshotChunk> + Send + 'static {
     use tokio::io::AsyncReadExt;
-    futures::stream::unfold(Some((file, Some(header))), move |state| async move {
-        let (mut file, header) = state?;
+    futures::stream::unfold(Some((file, Some(header), pool)), move |state| async move {
+        let (mut file, header, pool) = state?;
         let mut data = Vec::with_capacity(SNAPSHOT_CHUNK_BYTES);
         let mut chunk = (&mut file).take(SNAPSHOT_CHUNK_BYTES as u64);
         if let Err(e) = chunk.read_to_end(&mut data).await {
@@ -302,12 +314,13 @@ fn snapshot_chunks(
         if data.is_empty() && header.is_none() {
             return None;
         }
+        pool.inner.snapshot_pace.wait(data.len()).await;
         let chunk = SnapshotChunk {
             group_id,
             header: header.unwrap_or_default().into(),
             data: data.into(),
         };
-        Some((chunk, Some((file, None))))
+        Some((chunk, Some((file, None, pool))))
     })
 }
 
