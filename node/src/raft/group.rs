@@ -74,7 +74,8 @@ fn raft_config(t: &RaftTimings) -> anyhow::Result<Arc<Config>> {
         // Entries per AppendEntries: with values up to 1 MiB this bounds a message to what the
         // peer transport accepts (see `server::PEER_MESSAGE_BYTES`).
         max_payload_entries: 128,
-        // A snapshot transfer gets tens of seconds: small timeouts cause endless retries.
+        // A snapshot transfer gets a minute plus time in proportion to its size (see
+        // `network`): small timeouts cause endless retries.
         install_snapshot_timeout: 60_000,
         ..Default::default()
     };

@@ -263,10 +263,15 @@ impl GroupRouter<TypeConfig, GroupId> for PeerPool {
     ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
         let mut client = self.client(target)?;
         let header = encode(&(vote, snapshot.meta));
-        let file = tokio::fs::File::from_std(snapshot.snapshot.into_file());
+        let file = snapshot.snapshot.into_file();
+        // openraft's timeout (`install_snapshot_timeout`) is fixed; the send and the install take
+        // time in proportion to the snapshot's size.
+        let size = file.metadata().map_or(0, |m| m.len());
+        let timeout = option.hard_ttl() + self.inner.snapshot_pace.allowance(size);
+        let file = tokio::fs::File::from_std(file);
         let chunks = snapshot_chunks(group_id, header, file, target, self.clone());
         let mut request = tonic::Request::new(chunks);
-        request.set_timeout(option.hard_ttl());
+        request.set_timeout(timeout);
         let send = client.install_snapshot(request);
         let reply = tokio::select! {
             r = send => r,

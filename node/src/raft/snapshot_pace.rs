@@ -13,6 +13,9 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+/// The rate a snapshot's time allowance assumes when sending is not capped: a slow disk's.
+pub const UNLIMITED_FLOOR_BYTES_PER_SEC: u64 = 50 << 20;
+
 /// The shared budget of snapshot bytes per second (see the module docs).
 #[derive(Debug)]
 pub struct SnapshotPace {
@@ -29,6 +32,15 @@ impl SnapshotPace {
             bytes_per_sec: (bytes_per_sec > 0).then_some(bytes_per_sec),
             next: Mutex::new(Instant::now()),
         }
+    }
+
+    /// How long a snapshot of `bytes` may take to send and install, beyond a fixed base: twice
+    /// its time at the budget's rate (or at [`UNLIMITED_FLOOR_BYTES_PER_SEC`] without a budget),
+    /// for the follower's pass that turns it into an SST file. A fixed timeout would fail, and
+    /// retry forever, every snapshot larger than the rate allows for in that time.
+    pub fn allowance(&self, bytes: u64) -> Duration {
+        let rate = self.bytes_per_sec.unwrap_or(UNLIMITED_FLOOR_BYTES_PER_SEC);
+        Duration::from_secs_f64(2.0 * bytes as f64 / rate as f64)
     }
 
     /// Waits until a chunk of `bytes` may be sent, and reserves its share of the budget.
@@ -97,6 +109,16 @@ mod tests {
         // After 0.3 idle seconds, four 256 KiB chunks still take 3/32 s, not 0.
         let took = send(pace, 1, 4, 256 * KIB).await;
         assert!(took >= Duration::from_micros(3 * 31_250), "{took:?}");
+    }
+
+    #[test]
+    fn a_large_snapshot_gets_time_in_proportion_to_its_size() {
+        let gib = 1u64 << 30;
+        // 10 GiB at 100 MiB/s: 102.4 s to send, as long again to install.
+        let capped = SnapshotPace::new(100 << 20).allowance(10 * gib);
+        assert_eq!(capped.as_secs(), 204);
+        let unlimited = SnapshotPace::new(0).allowance(10 * gib);
+        assert_eq!(unlimited.as_secs(), 409);
     }
 
     #[tokio::test]
