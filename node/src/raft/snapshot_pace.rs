@@ -39,8 +39,10 @@ impl SnapshotPace {
     /// for the follower's pass that turns it into an SST file. A fixed timeout would fail, and
     /// retry forever, every snapshot larger than the rate allows for in that time.
     pub fn allowance(&self, bytes: u64) -> Duration {
-        let rate = self.bytes_per_sec.unwrap_or(UNLIMITED_FLOOR_BYTES_PER_SEC);
-        Duration::from_secs_f64(2.0 * bytes as f64 / rate as f64)
+        2 * time_at(
+            bytes,
+            self.bytes_per_sec.unwrap_or(UNLIMITED_FLOOR_BYTES_PER_SEC),
+        )
     }
 
     /// Waits until a chunk of `bytes` may be sent, and reserves its share of the budget.
@@ -51,11 +53,16 @@ impl SnapshotPace {
         let start = {
             let mut next = self.next.lock().expect("snapshot pace poisoned");
             let start = (*next).max(Instant::now());
-            *next = start + Duration::from_secs_f64(bytes as f64 / rate as f64);
+            *next = start + time_at(bytes as u64, rate);
             start
         };
         tokio::time::sleep_until(start).await;
     }
+}
+
+/// How long `bytes` take at `bytes_per_sec`.
+fn time_at(bytes: u64, bytes_per_sec: u64) -> Duration {
+    Duration::from_secs_f64(bytes as f64 / bytes_per_sec as f64)
 }
 
 #[cfg(test)]

@@ -32,7 +32,7 @@ use super::keys::{
 };
 use super::sessions::SessionTable;
 use super::snapshot::{SnapshotFile, StagedFile};
-use super::snapshot_format::SnapshotReader;
+use super::snapshot_format::{invalid, SnapshotReader};
 use super::{io_err, Engine};
 use crate::layout::GroupId;
 use crate::raft::codec::{decode, encode};
@@ -176,20 +176,18 @@ fn prepare(
         // scan, so its keys come in order, and a file whose keys do not is refused here.
         writer
             .put(data_key(group, &key), record)
-            .map_err(|e| invalid_snapshot(format!("record {}: {e}", keys + 1)))?;
+            .map_err(|e| invalid(format!("record {}: {e}", keys + 1)))?;
         keys += 1;
     }
-    if keys == 0 {
-        return Ok(Prepared {
-            sessions,
-            sst: None,
-            keys,
-        });
-    }
-    writer.finish().map_err(io_err)?; // also fsyncs the file
+    let sst = if keys == 0 {
+        None
+    } else {
+        writer.finish().map_err(io_err)?; // also fsyncs the file
+        Some(sst)
+    };
     Ok(Prepared {
         sessions,
-        sst: Some(sst),
+        sst,
         keys,
     })
 }
@@ -237,10 +235,6 @@ fn replace_state(
     b.delete_cf(sm, tag_key(group, TAG_INSTALLING));
     engine.write(b, true)?;
     Ok(Installed { sessions, keys })
-}
-
-fn invalid_snapshot(msg: String) -> std::io::Error {
-    std::io::Error::new(std::io::ErrorKind::InvalidData, msg)
 }
 
 #[cfg(test)]

@@ -42,7 +42,7 @@ pub type Sessions = Vec<(u64, ClientSession)>;
 /// One data record of a snapshot: `(user key, stored record)`.
 pub type KeyRecord = (Vec<u8>, Vec<u8>);
 
-fn invalid(what: impl std::fmt::Display) -> std::io::Error {
+pub(super) fn invalid(what: impl std::fmt::Display) -> std::io::Error {
     std::io::Error::new(
         std::io::ErrorKind::InvalidData,
         format!("snapshot file: {what}"),
