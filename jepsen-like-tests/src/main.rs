@@ -69,7 +69,7 @@ struct RunArgs {
     /// strata-node binary (default: next to this one).
     #[arg(long)]
     node_bin: Option<PathBuf>,
-    /// Enable a planted bug (stale-reads, skip-dedup); needs a planted-bugs build of the node.
+    /// Enable a planted bug (stale-reads, skip-dedup, ack-before-fsync); needs a planted-bugs build of the node.
     #[arg(long)]
     planted_bug: Option<String>,
     /// Send reads straight to random nodes.

@@ -15,7 +15,10 @@
 //! - `duplicate`: the network delivers a write twice: the nemesis writes a key with an explicit
 //!   request id, another write overwrites it, then the first request is delivered again and the
 //!   key is read — the duplicate must change nothing;
-//! - `mixed`: kill, pause, membership or bounce, chosen per cycle.
+//! - `crash`: SIGKILL every node at once (a whole-cluster crash) and restart them all at heal:
+//!   every acknowledged write must have reached the disk before it was acknowledged;
+//! - `mixed`: any of kill, pause, membership, bounce, restart, transfer, snapshot, crash (and
+//!   partition, where it can run), chosen per cycle.
 //!
 //! - `partition`: cut links between nodes (see [`crate::net`]): isolate one node, isolate a shard
 //!   leader, majority / minority, random packet loss, and with 5 nodes the majorities ring and the
@@ -60,10 +63,12 @@ pub enum Nemesis {
     Transfer,
     /// A forced snapshot while a follower is paused.
     Snapshot,
+    /// Every node SIGKILLed at once, then all restarted.
+    Crash,
     /// Network partitions (needs a private network namespace and iptables).
     Partition,
-    /// One of kill, pause, membership, bounce, restart, transfer, snapshot (and partition, where
-    /// it can run) per cycle.
+    /// One of kill, pause, membership, bounce, restart, transfer, snapshot, crash (and partition,
+    /// where it can run) per cycle.
     Mixed,
 }
 
@@ -133,6 +138,7 @@ pub async fn run(
                     Nemesis::Restart,
                     Nemesis::Transfer,
                     Nemesis::Snapshot,
+                    Nemesis::Crash,
                     // Last: left out where partitions cannot run.
                     Nemesis::Partition,
                 ];
@@ -197,6 +203,17 @@ pub async fn run(
                 sleep(timing.hold, &stop).await;
                 cluster.heal()?;
                 recorder.record(event(F::Stop, "restart", format!("{target}")));
+            }
+            Nemesis::Crash => {
+                let all = cluster.healthy();
+                let names = all.iter().map(u64::to_string).collect::<Vec<_>>();
+                recorder.record(event(F::Start, "crash", names.join(",")));
+                for id in &all {
+                    cluster.kill(*id)?;
+                }
+                sleep(timing.hold, &stop).await;
+                cluster.heal()?;
+                recorder.record(event(F::Stop, "crash", names.join(",")));
             }
             Nemesis::Duplicate => duplicate(client, recorder, faults as u64).await?,
             Nemesis::Transfer => {

@@ -68,6 +68,7 @@ pub fn ci_matrix() -> Vec<Scenario> {
             12,
         ),
         s("register-restart", Workload::Register, Nemesis::Restart, 12),
+        s("register-crash", Workload::Register, Nemesis::Crash, 20),
         s(
             "register-duplicate",
             Workload::Register,
@@ -102,6 +103,16 @@ pub fn ci_matrix() -> Vec<Scenario> {
                 Workload::Register,
                 Nemesis::Duplicate,
                 12,
+            )
+        },
+        Scenario {
+            planted_bug: Some("ack-before-fsync"),
+            expect_valid: false,
+            ..s(
+                "planted-ack-before-fsync",
+                Workload::Set,
+                Nemesis::Crash,
+                15,
             )
         },
     ]

@@ -11,6 +11,11 @@ pub enum Bug {
     StaleReads,
     /// `skip-dedup`: request ids are ignored, so a retried or duplicated write applies again.
     SkipDedup,
+    /// `ack-before-fsync`: a log append is reported durable at once, without waiting for the WAL
+    /// flush and fsync of group commit. Its records stay in RocksDB's in-process WAL buffer until
+    /// some later write flushes it, so a SIGKILL loses acknowledged entries — as a power loss
+    /// would lose un-fsynced ones.
+    AckBeforeFsync,
 }
 
 #[cfg(feature = "planted-bugs")]
@@ -19,6 +24,7 @@ impl Bug {
         match self {
             Bug::StaleReads => "stale-reads",
             Bug::SkipDedup => "skip-dedup",
+            Bug::AckBeforeFsync => "ack-before-fsync",
         }
     }
 }

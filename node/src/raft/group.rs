@@ -66,6 +66,13 @@ fn raft_config(t: &RaftTimings) -> anyhow::Result<Arc<Config>> {
         election_timeout_min: t.election_min.as_millis() as u64,
         election_timeout_max: t.election_max.as_millis() as u64,
         enable_pre_vote: Some(true),
+        // A leader restarted with its committed vote must not resume leading without an
+        // election. Applies are not synced (the log is the durable record) and the commit index
+        // is not stored, so after a crash its state machine can be behind writes it had already
+        // acknowledged; a restored leader's read index is its old term's first entry, which that
+        // stale state machine already covers, so it would serve those writes' old values. A new
+        // election appends a new no-op, and reads wait until it is applied.
+        enable_leader_restore: Some(false),
         snapshot_policy: SnapshotPolicy::LogsSinceLast(t.snapshot_logs),
         // Entries kept behind a snapshot so a briefly lagging follower catches up from the log
         // rather than by a full snapshot.
