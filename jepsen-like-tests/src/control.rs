@@ -13,6 +13,8 @@ use nix::sys::signal::Signal;
 use strata_client::{Client, ClientBuilder};
 use strata_cluster::launcher::{ClusterSpec, LocalCluster};
 
+use crate::lossy_fs::LossyFs;
+
 /// How long a node may take to stop after SIGTERM (it hands its leaderships over and drains its
 /// calls first) before the stop counts as failed.
 const STOP_GRACE: Duration = Duration::from_secs(10);
@@ -41,18 +43,29 @@ pub struct Cluster {
     down: BTreeSet<u64>,
     /// Partition rules are in place.
     partitioned: bool,
+    /// The in-memory file system holding the nodes' data, for power losses. Declared after
+    /// `nodes` so that it is unmounted only once every node process is gone.
+    lossy: Option<LossyFs>,
 }
 
 impl Cluster {
     /// Starts `nodes` nodes with `shards` shards under `dir`, from `node_bin`, and waits until
-    /// every group has a leader.
+    /// every group has a leader. With `lossy`, `dir` is first mounted as a [`LossyFs`], so that
+    /// [`Cluster::power_loss`] can drop what the nodes wrote without fsync.
     pub async fn start(
         dir: &Path,
         node_bin: &Path,
         nodes: usize,
         shards: u32,
         extra_args: &[String],
+        lossy: bool,
     ) -> anyhow::Result<Cluster> {
+        let lossy = if lossy {
+            std::fs::create_dir_all(dir)?;
+            Some(LossyFs::mount(dir)?)
+        } else {
+            None
+        };
         let spec = ClusterSpec {
             nodes,
             shards,
@@ -78,6 +91,7 @@ impl Cluster {
             paused: BTreeSet::new(),
             down: BTreeSet::new(),
             partitioned: false,
+            lossy,
         })
     }
 
@@ -121,6 +135,27 @@ impl Cluster {
         self.nodes.kill_node(id)?;
         self.down.insert(id);
         Ok(())
+    }
+
+    /// SIGKILLs node `id` and drops every write of its data directory that was not fsynced, as
+    /// a power cut of its machine would (its log file is kept, for the report). Needs a cluster
+    /// started with `lossy`.
+    pub fn power_loss(&mut self, id: u64) -> anyhow::Result<usize> {
+        if self.lossy.is_none() {
+            anyhow::bail!("power loss needs the cluster on the lossy file system");
+        }
+        self.kill(id)?;
+        let fs = self.lossy.as_ref().expect("checked above");
+        let node_dir = format!("node-{id}");
+        let mut lost = 0;
+        for sub in ["db", "snapshots"] {
+            let dir = Path::new(&node_dir).join(sub);
+            // A node that never wrote snapshots has no such directory.
+            if self.nodes.dir().join(&dir).exists() {
+                lost += fs.power_loss(&dir)?;
+            }
+        }
+        Ok(lost)
     }
 
     /// Stops node `id` as an operator would before a restart: SIGTERM, and it must exit on its own
@@ -218,6 +253,22 @@ impl Cluster {
     }
 }
 
+impl Cluster {
+    /// Copies the node logs out of the lossy file system, which goes with the cluster, to the
+    /// directory `<cluster dir>-logs` beside it.
+    fn save_logs(&self) {
+        let dir = self.nodes.dir();
+        let mut to = dir.as_os_str().to_owned();
+        to.push("-logs");
+        let to = PathBuf::from(to);
+        let _ = std::fs::create_dir_all(&to);
+        for id in self.ids() {
+            let log = dir.join(format!("node-{id}")).join("node.log");
+            let _ = std::fs::copy(&log, to.join(format!("node-{id}.log")));
+        }
+    }
+}
+
 impl Drop for Cluster {
     fn drop(&mut self) {
         if self.partitioned {
@@ -226,6 +277,9 @@ impl Drop for Cluster {
         // A stopped process ignores SIGTERM; resume it so the launcher's teardown works.
         for id in std::mem::take(&mut self.paused) {
             let _ = self.nodes.signal(id, Signal::SIGCONT);
+        }
+        if self.lossy.is_some() {
+            self.save_logs();
         }
     }
 }

@@ -5,10 +5,11 @@
 //! - [`control`]: start the cluster, SIGKILL / SIGTERM / restart / SIGSTOP / SIGCONT nodes,
 //!   leaders.
 //! - [`net`]: the private network namespace and iptables partitions.
+//! - [`lossy_fs`]: an in-memory FUSE file system that drops un-fsynced writes at a power loss.
 //! - [`history`]: the JSON-lines history (`invoke` / `ok` / `fail` / `info` / nemesis events).
 //! - [`workload`]: register (read / write / CAS) and set (unique adds) workers.
 //! - [`nemesis`]: seeded fault schedules — kill, pause, membership, leader bounce, graceful
-//!   restart, mixed, and request duplication.
+//!   restart, whole-cluster crash and power loss, mixed, and request duplication.
 //! - [`checker`]: per-key linearizability (Wing & Gong with memoization) and the set check.
 //! - [`runner`]: one scenario end to end: traffic + faults, heal, liveness, convergence, check.
 //! - [`report`]: the readable report of a run.
@@ -19,6 +20,7 @@
 pub mod checker;
 pub mod control;
 pub mod history;
+pub mod lossy_fs;
 pub mod nemesis;
 pub mod net;
 pub mod report;

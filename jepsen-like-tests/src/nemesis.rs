@@ -17,6 +17,8 @@
 //!   key is read — the duplicate must change nothing;
 //! - `crash`: SIGKILL every node at once (a whole-cluster crash) and restart them all at heal:
 //!   every acknowledged write must have reached the disk before it was acknowledged;
+//! - `power-loss`: the same, and every write the nodes had not fsynced is dropped (the cluster
+//!   runs on [`crate::lossy_fs`]): every acknowledged write must have been fsynced;
 //! - `mixed`: any of kill, pause, membership, bounce, restart, transfer, snapshot, crash (and
 //!   partition, where it can run), chosen per cycle.
 //!
@@ -65,6 +67,10 @@ pub enum Nemesis {
     Snapshot,
     /// Every node SIGKILLed at once, then all restarted.
     Crash,
+    /// A power cut of every node at once: SIGKILLed, and every write of their data directories
+    /// that was not fsynced dropped, then all restarted (needs FUSE: the cluster runs on the
+    /// in-memory lossy file system, [`crate::lossy_fs`]).
+    PowerLoss,
     /// Network partitions (needs a private network namespace and iptables).
     Partition,
     /// One of kill, pause, membership, bounce, restart, transfer, snapshot, crash (and partition,
@@ -204,16 +210,26 @@ pub async fn run(
                 cluster.heal()?;
                 recorder.record(event(F::Stop, "restart", format!("{target}")));
             }
-            Nemesis::Crash => {
+            Nemesis::Crash | Nemesis::PowerLoss => {
+                let power = kind == Nemesis::PowerLoss;
+                let name = if power { "power-loss" } else { "crash" };
                 let all = cluster.healthy();
-                let names = all.iter().map(u64::to_string).collect::<Vec<_>>();
-                recorder.record(event(F::Start, "crash", names.join(",")));
+                let mut targets = all.iter().map(u64::to_string).collect::<Vec<_>>().join(",");
+                recorder.record(event(F::Start, name, targets.clone()));
+                let mut files_lost = 0;
                 for id in &all {
-                    cluster.kill(*id)?;
+                    if power {
+                        files_lost += cluster.power_loss(*id)?;
+                    } else {
+                        cluster.kill(*id)?;
+                    }
                 }
                 sleep(timing.hold, &stop).await;
                 cluster.heal()?;
-                recorder.record(event(F::Stop, "crash", names.join(",")));
+                if power {
+                    targets += &format!(" ({files_lost} files lost unsynced writes)");
+                }
+                recorder.record(event(F::Stop, name, targets));
             }
             Nemesis::Duplicate => duplicate(client, recorder, faults as u64).await?,
             Nemesis::Transfer => {

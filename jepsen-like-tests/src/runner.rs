@@ -89,9 +89,17 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<RunResult> {
     } else {
         std::env::remove_var("STRATA_PLANTED_BUG");
     }
-    let mut cluster = Cluster::start(&cluster_dir, &opts.node_bin, opts.nodes, opts.shards, &[])
-        .await
-        .context("start cluster")?;
+    let lossy = opts.nemesis == Nemesis::PowerLoss;
+    let mut cluster = Cluster::start(
+        &cluster_dir,
+        &opts.node_bin,
+        opts.nodes,
+        opts.shards,
+        &[],
+        lossy,
+    )
+    .await
+    .context("start cluster")?;
     let client = cluster.client(Duration::from_secs(5)).await?;
     let recorder = Arc::new(Recorder::create(&opts.out.join("history.jsonl"))?);
 

@@ -70,6 +70,12 @@ pub fn ci_matrix() -> Vec<Scenario> {
         s("register-restart", Workload::Register, Nemesis::Restart, 12),
         s("register-crash", Workload::Register, Nemesis::Crash, 20),
         s(
+            "register-power-loss",
+            Workload::Register,
+            Nemesis::PowerLoss,
+            20,
+        ),
+        s(
             "register-duplicate",
             Workload::Register,
             Nemesis::Duplicate,
@@ -115,6 +121,11 @@ pub fn ci_matrix() -> Vec<Scenario> {
                 15,
             )
         },
+        Scenario {
+            planted_bug: Some("skip-fsync"),
+            expect_valid: false,
+            ..s("planted-skip-fsync", Workload::Set, Nemesis::PowerLoss, 15)
+        },
     ]
 }
 
@@ -127,12 +138,20 @@ pub async fn run_ci(
 ) -> (usize, usize) {
     let (mut passed, mut failed) = (0, 0);
     let partitions = crate::net::in_private_netns();
+    let power_loss = crate::lossy_fs::availability();
     for sc in ci_matrix() {
         if sc.nemesis == Nemesis::Partition && !partitions {
             let why = crate::net::availability()
                 .err()
                 .unwrap_or_else(|| "the harness is not in its network namespace".into());
             println!("SKIP {:<24} partitions cannot run here: {why}", sc.name);
+            continue;
+        }
+        if let (Nemesis::PowerLoss, Err(why)) = (sc.nemesis, &power_loss) {
+            println!(
+                "SKIP {:<24} power losses cannot run here (FUSE): {why}",
+                sc.name
+            );
             continue;
         }
         let bin = match (sc.planted_bug, planted_bin) {

@@ -16,6 +16,10 @@ pub enum Bug {
     /// some later write flushes it, so a SIGKILL loses acknowledged entries — as a power loss
     /// would lose un-fsynced ones.
     AckBeforeFsync,
+    /// `skip-fsync`: group commit writes the WAL to the OS but never fsyncs it, so appends are
+    /// acknowledged while they sit in the page cache. A SIGKILL keeps them; only a power loss
+    /// (the chaos suite's lossy file system) drops them.
+    SkipFsync,
 }
 
 #[cfg(feature = "planted-bugs")]
@@ -25,6 +29,7 @@ impl Bug {
             Bug::StaleReads => "stale-reads",
             Bug::SkipDedup => "skip-dedup",
             Bug::AckBeforeFsync => "ack-before-fsync",
+            Bug::SkipFsync => "skip-fsync",
         }
     }
 }

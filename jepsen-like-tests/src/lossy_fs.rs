@@ -1,0 +1,834 @@
+//! Power loss for real processes: a FUSE file system, held in memory, that keeps what every file
+//! has been written since its last `fsync` apart from what is durable, so that
+//! [`LossyFs::power_loss`] can drop it. A SIGKILL alone never tests fsync: the OS page cache
+//! keeps what a killed process wrote, so a store that forgot an `fdatasync` still finds its data
+//! after a restart. Here it does not.
+//!
+//! The model is the one of Jepsen's LazyFS:
+//! - a write changes the file at once (reads see it); `fsync` / `fdatasync` of the file makes its
+//!   whole current content durable;
+//! - a power loss puts every file below a directory back to its durable content (cut back,
+//!   overwritten pages restored, unsynced growth gone);
+//! - directory changes (create, rename, link, unlink) are durable at once: lost directory
+//!   entries are not simulated, only lost file data.
+//!
+//! Files are opened with direct I/O and attributes are never cached by the kernel, so after a
+//! power loss the next reader sees exactly the durable content. Everything lives in the memory
+//! of the harness process: meant for chaos runs of minutes, not for large data.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::ffi::{OsStr, OsString};
+use std::path::{Component, Path};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime};
+
+use fuser::{
+    BackgroundSession, Config, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags,
+    Generation, INodeNo, MountOption, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
+    ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request, TimeOrNow,
+    WriteFlags,
+};
+
+/// Dirty data is tracked in pages of this size, so an `fsync` copies only what changed.
+const PAGE: usize = 4096;
+
+/// The kernel must ask again every time: sizes and contents change under it at a power loss.
+const NO_CACHE: Duration = Duration::ZERO;
+
+/// A mounted lossy file system; unmounted when dropped.
+pub struct LossyFs {
+    state: Arc<Mutex<State>>,
+    /// The FUSE session serving the mount; dropping it unmounts.
+    _session: BackgroundSession,
+}
+
+impl LossyFs {
+    /// Mounts an empty lossy file system at `mountpoint` (an existing, empty directory).
+    pub fn mount(mountpoint: &Path) -> anyhow::Result<LossyFs> {
+        let state = Arc::new(Mutex::new(State::new()));
+        let mut config = Config::default();
+        config.mount_options = vec![
+            MountOption::FSName("strata-lossy".into()),
+            MountOption::NoAtime,
+        ];
+        let session = fuser::spawn_mount(
+            Shared {
+                state: state.clone(),
+            },
+            mountpoint,
+            &config,
+        )
+        .map_err(|e| anyhow::anyhow!("mount the lossy file system at {mountpoint:?}: {e}"))?;
+        Ok(LossyFs {
+            state,
+            _session: session,
+        })
+    }
+
+    /// Drops every un-fsynced write of every file below `dir` (a path relative to the mount
+    /// point), as a power cut would. The processes using those files must be dead already.
+    /// Returns how many files lost data.
+    pub fn power_loss(&self, dir: &Path) -> anyhow::Result<usize> {
+        let mut state = self.state.lock().expect("lossy fs poisoned");
+        let mut ino = ROOT;
+        for part in dir.components() {
+            let Component::Normal(name) = part else {
+                anyhow::bail!("power loss: {dir:?} must be a plain relative path");
+            };
+            ino = state
+                .child(ino, name)
+                .ok_or_else(|| anyhow::anyhow!("power loss: no directory {dir:?}"))?;
+        }
+        Ok(state.revert_below(ino))
+    }
+}
+
+/// Whether a lossy file system can be mounted here; `Err` says why not.
+pub fn availability() -> Result<(), String> {
+    let dir = std::env::temp_dir().join(format!("strata-lossy-probe-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| format!("create {dir:?}: {e}"))?;
+    let probe = (|| {
+        let fs = LossyFs::mount(&dir).map_err(|e| format!("{e:#}"))?;
+        std::fs::write(dir.join("probe"), b"x").map_err(|e| format!("write through FUSE: {e}"))?;
+        drop(fs);
+        Ok(())
+    })();
+    let _ = std::fs::remove_dir(&dir);
+    probe
+}
+
+const ROOT: u64 = INodeNo::ROOT.0;
+
+/// The whole tree: inodes by number.
+struct State {
+    inodes: HashMap<u64, Inode>,
+    next_ino: u64,
+}
+
+struct Inode {
+    body: Body,
+    perm: u16,
+    /// Directory entries naming this inode.
+    nlink: u32,
+    /// Open file handles; an unlinked file lives on until the last is released.
+    open: u32,
+    mtime: SystemTime,
+}
+
+enum Body {
+    Dir(BTreeMap<OsString, u64>),
+    File(Content),
+}
+
+/// A file's bytes as processes see them, and as they would be found after a power loss.
+#[derive(Default)]
+struct Content {
+    current: Vec<u8>,
+    durable: Vec<u8>,
+    /// Pages of `current` written or cut since the last fsync. Every byte where `current` and
+    /// `durable` differ lies in one of them or beyond `durable`'s end.
+    dirty: BTreeSet<usize>,
+}
+
+impl Content {
+    fn mark(&mut self, from: usize, to: usize) {
+        if to > from {
+            self.dirty.extend(from / PAGE..=(to - 1) / PAGE);
+        }
+    }
+
+    fn write(&mut self, offset: usize, data: &[u8]) {
+        let end = offset + data.len();
+        if end > self.current.len() {
+            let old = self.current.len();
+            self.current.resize(end, 0);
+            self.mark(old, end);
+        }
+        self.current[offset..end].copy_from_slice(data);
+        self.mark(offset, end);
+    }
+
+    fn set_len(&mut self, len: usize) {
+        let old = self.current.len();
+        self.current.resize(len, 0);
+        self.mark(old.min(len), old.max(len));
+    }
+
+    /// `fsync`: the current content becomes durable.
+    fn sync(&mut self) {
+        self.durable.resize(self.current.len(), 0);
+        for page in std::mem::take(&mut self.dirty) {
+            let start = page * PAGE;
+            let end = (start + PAGE).min(self.current.len());
+            if start < end {
+                self.durable[start..end].copy_from_slice(&self.current[start..end]);
+            }
+        }
+    }
+
+    /// Power loss: back to the durable content. Returns whether anything was lost.
+    fn revert(&mut self) -> bool {
+        let lost = !self.dirty.is_empty() || self.current.len() != self.durable.len();
+        self.current.clone_from(&self.durable);
+        self.dirty.clear();
+        lost
+    }
+}
+
+impl State {
+    fn new() -> State {
+        let mut inodes = HashMap::new();
+        inodes.insert(ROOT, Inode::new(Body::Dir(BTreeMap::new()), 0o755));
+        State {
+            inodes,
+            next_ino: ROOT + 1,
+        }
+    }
+
+    fn get(&self, ino: u64) -> Result<&Inode, Errno> {
+        self.inodes.get(&ino).ok_or(Errno::ENOENT)
+    }
+
+    fn get_mut(&mut self, ino: u64) -> Result<&mut Inode, Errno> {
+        self.inodes.get_mut(&ino).ok_or(Errno::ENOENT)
+    }
+
+    fn dir(&self, ino: u64) -> Result<&BTreeMap<OsString, u64>, Errno> {
+        match &self.get(ino)?.body {
+            Body::Dir(entries) => Ok(entries),
+            Body::File(_) => Err(Errno::ENOTDIR),
+        }
+    }
+
+    fn dir_mut(&mut self, ino: u64) -> Result<&mut BTreeMap<OsString, u64>, Errno> {
+        match &mut self.get_mut(ino)?.body {
+            Body::Dir(entries) => Ok(entries),
+            Body::File(_) => Err(Errno::ENOTDIR),
+        }
+    }
+
+    fn file_mut(&mut self, ino: u64) -> Result<&mut Content, Errno> {
+        match &mut self.get_mut(ino)?.body {
+            Body::File(content) => Ok(content),
+            Body::Dir(_) => Err(Errno::EISDIR),
+        }
+    }
+
+    fn child(&self, parent: u64, name: &OsStr) -> Option<u64> {
+        self.dir(parent).ok()?.get(name).copied()
+    }
+
+    fn attr(&self, ino: u64) -> Result<FileAttr, Errno> {
+        let node = self.get(ino)?;
+        let (kind, size) = match &node.body {
+            Body::Dir(_) => (FileType::Directory, PAGE as u64),
+            Body::File(c) => (FileType::RegularFile, c.current.len() as u64),
+        };
+        Ok(FileAttr {
+            ino: INodeNo(ino),
+            size,
+            blocks: size.div_ceil(512),
+            atime: node.mtime,
+            mtime: node.mtime,
+            ctime: node.mtime,
+            crtime: node.mtime,
+            kind,
+            perm: node.perm,
+            nlink: node.nlink,
+            uid: 0,
+            gid: 0,
+            rdev: 0,
+            blksize: PAGE as u32,
+            flags: 0,
+        })
+    }
+
+    /// Adds a new inode named `name` in `parent`.
+    fn insert(&mut self, parent: u64, name: &OsStr, body: Body, perm: u16) -> Result<u64, Errno> {
+        if self.dir(parent)?.contains_key(name) {
+            return Err(Errno::EEXIST);
+        }
+        let ino = self.next_ino;
+        self.next_ino += 1;
+        self.inodes.insert(ino, Inode::new(body, perm));
+        self.dir_mut(parent)?.insert(name.to_owned(), ino);
+        self.touch(parent);
+        Ok(ino)
+    }
+
+    /// Removes the entry `name` of `parent`; the inode goes once nothing names or holds it.
+    fn remove_entry(&mut self, parent: u64, name: &OsStr) -> Result<(), Errno> {
+        let ino = self.dir_mut(parent)?.remove(name).ok_or(Errno::ENOENT)?;
+        self.touch(parent);
+        let node = self.get_mut(ino)?;
+        node.nlink = node.nlink.saturating_sub(1);
+        self.free_if_unused(ino);
+        Ok(())
+    }
+
+    /// `unlink` (`dir` false) or `rmdir` (`dir` true, and only when empty).
+    fn remove(&mut self, parent: u64, name: &OsStr, dir: bool) -> Result<(), Errno> {
+        let ino = self.child(parent, name).ok_or(Errno::ENOENT)?;
+        match (&self.get(ino)?.body, dir) {
+            (Body::Dir(_), false) => return Err(Errno::EISDIR),
+            (Body::File(_), true) => return Err(Errno::ENOTDIR),
+            (Body::Dir(entries), true) if !entries.is_empty() => return Err(Errno::ENOTEMPTY),
+            _ => {}
+        }
+        self.remove_entry(parent, name)
+    }
+
+    fn free_if_unused(&mut self, ino: u64) {
+        if self
+            .inodes
+            .get(&ino)
+            .is_some_and(|n| n.nlink == 0 && n.open == 0)
+        {
+            self.inodes.remove(&ino);
+        }
+    }
+
+    fn touch(&mut self, ino: u64) {
+        if let Some(node) = self.inodes.get_mut(&ino) {
+            node.mtime = SystemTime::now();
+        }
+    }
+
+    /// Reverts every file below `ino`; returns how many lost data.
+    fn revert_below(&mut self, ino: u64) -> usize {
+        let mut lost = 0;
+        let mut stack = vec![ino];
+        while let Some(ino) = stack.pop() {
+            match self.inodes.get_mut(&ino).map(|n| &mut n.body) {
+                Some(Body::Dir(entries)) => stack.extend(entries.values().copied()),
+                Some(Body::File(content)) => lost += usize::from(content.revert()),
+                None => {}
+            }
+        }
+        lost
+    }
+
+    fn rename(
+        &mut self,
+        parent: u64,
+        name: &OsStr,
+        new_parent: u64,
+        new_name: &OsStr,
+        flags: RenameFlags,
+    ) -> Result<(), Errno> {
+        let ino = self.child(parent, name).ok_or(Errno::ENOENT)?;
+        self.dir(new_parent)?;
+        if let Some(target) = self.child(new_parent, new_name) {
+            if target == ino {
+                return Ok(());
+            }
+            if flags.contains(RenameFlags::RENAME_NOREPLACE) {
+                return Err(Errno::EEXIST);
+            }
+            match (&self.get(ino)?.body, &self.get(target)?.body) {
+                (Body::Dir(_), Body::Dir(t)) if !t.is_empty() => return Err(Errno::ENOTEMPTY),
+                (Body::Dir(_), Body::File(_)) => return Err(Errno::ENOTDIR),
+                (Body::File(_), Body::Dir(_)) => return Err(Errno::EISDIR),
+                _ => {}
+            }
+            self.remove_entry(new_parent, new_name)?;
+        } else if !flags.is_empty() && !flags.contains(RenameFlags::RENAME_NOREPLACE) {
+            return Err(Errno::EINVAL);
+        }
+        self.dir_mut(parent)?.remove(name);
+        self.dir_mut(new_parent)?.insert(new_name.to_owned(), ino);
+        self.touch(parent);
+        self.touch(new_parent);
+        Ok(())
+    }
+}
+
+impl Inode {
+    fn new(body: Body, perm: u16) -> Inode {
+        Inode {
+            body,
+            perm,
+            nlink: 1,
+            open: 0,
+            mtime: SystemTime::now(),
+        }
+    }
+}
+
+/// The FUSE side: every request takes the one lock (requests are served by one thread anyway).
+struct Shared {
+    state: Arc<Mutex<State>>,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().expect("lossy fs poisoned")
+    }
+}
+
+/// Every handle is opened with direct I/O: no kernel page cache that could outlive a power loss.
+const OPEN_FLAGS: FopenFlags = FopenFlags::FOPEN_DIRECT_IO;
+
+fn perm_of(mode: u32, umask: u32) -> u16 {
+    (mode & !umask & 0o7777) as u16
+}
+
+impl Filesystem for Shared {
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let state = self.lock();
+        match state
+            .dir(parent.0)
+            .and_then(|d| d.get(name).copied().ok_or(Errno::ENOENT))
+            .and_then(|ino| state.attr(ino))
+        {
+            Ok(attr) => reply.entry(&NO_CACHE, &attr, Generation(0)),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.lock().attr(ino.0) {
+            Ok(attr) => reply.attr(&NO_CACHE, &attr),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        _uid: Option<u32>,
+        _gid: Option<u32>,
+        size: Option<u64>,
+        _atime: Option<TimeOrNow>,
+        _mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        let mut state = self.lock();
+        let result = (|| {
+            if let Some(size) = size {
+                state.file_mut(ino.0)?.set_len(size as usize);
+                state.touch(ino.0);
+            }
+            if let Some(mode) = mode {
+                state.get_mut(ino.0)?.perm = perm_of(mode, 0);
+            }
+            state.attr(ino.0)
+        })();
+        match result {
+            Ok(attr) => reply.attr(&NO_CACHE, &attr),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn mkdir(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        reply: ReplyEntry,
+    ) {
+        let mut state = self.lock();
+        let body = Body::Dir(BTreeMap::new());
+        match state
+            .insert(parent.0, name, body, perm_of(mode, umask))
+            .and_then(|ino| state.attr(ino))
+        {
+            Ok(attr) => reply.entry(&NO_CACHE, &attr, Generation(0)),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        match self.lock().remove(parent.0, name, false) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        match self.lock().remove(parent.0, name, true) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        new_parent: INodeNo,
+        new_name: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        match self
+            .lock()
+            .rename(parent.0, name, new_parent.0, new_name, flags)
+        {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn link(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        new_parent: INodeNo,
+        new_name: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        let mut state = self.lock();
+        let result = (|| {
+            if let Body::Dir(_) = state.get(ino.0)?.body {
+                return Err(Errno::EPERM);
+            }
+            if state.dir(new_parent.0)?.contains_key(new_name) {
+                return Err(Errno::EEXIST);
+            }
+            state
+                .dir_mut(new_parent.0)?
+                .insert(new_name.to_owned(), ino.0);
+            state.get_mut(ino.0)?.nlink += 1;
+            state.touch(new_parent.0);
+            state.attr(ino.0)
+        })();
+        match result {
+            Ok(attr) => reply.entry(&NO_CACHE, &attr, Generation(0)),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        let mut state = self.lock();
+        match state.get_mut(ino.0) {
+            Ok(node) => {
+                node.open += 1;
+                reply.opened(FileHandle(0), OPEN_FLAGS);
+            }
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn create(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        flags: i32,
+        reply: ReplyCreate,
+    ) {
+        let mut state = self.lock();
+        let result = (|| {
+            let ino = match state.child(parent.0, name) {
+                Some(_) if flags & nix::libc::O_EXCL != 0 => return Err(Errno::EEXIST),
+                Some(ino) => {
+                    if flags & nix::libc::O_TRUNC != 0 {
+                        state.file_mut(ino)?.set_len(0);
+                    }
+                    ino
+                }
+                None => {
+                    let body = Body::File(Content::default());
+                    state.insert(parent.0, name, body, perm_of(mode, umask))?
+                }
+            };
+            state.get_mut(ino)?.open += 1;
+            state.attr(ino)
+        })();
+        match result {
+            Ok(attr) => reply.created(&NO_CACHE, &attr, Generation(0), FileHandle(0), OPEN_FLAGS),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<fuser::LockOwner>,
+        reply: ReplyData,
+    ) {
+        let mut state = self.lock();
+        match state.file_mut(ino.0) {
+            Ok(content) => {
+                let len = content.current.len();
+                let start = (offset as usize).min(len);
+                let end = start.saturating_add(size as usize).min(len);
+                reply.data(&content.current[start..end]);
+            }
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<fuser::LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        let mut state = self.lock();
+        match state.file_mut(ino.0) {
+            Ok(content) => {
+                content.write(offset as usize, data);
+                state.touch(ino.0);
+                reply.written(data.len() as u32);
+            }
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: fuser::LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        reply.ok();
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<fuser::LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        let mut state = self.lock();
+        if let Ok(node) = state.get_mut(ino.0) {
+            node.open = node.open.saturating_sub(1);
+        }
+        state.free_if_unused(ino.0);
+        reply.ok();
+    }
+
+    fn fsync(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        match self.lock().file_mut(ino.0) {
+            Ok(content) => {
+                content.sync();
+                reply.ok();
+            }
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        let state = self.lock();
+        let entries = match state.dir(ino.0) {
+            Ok(entries) => entries,
+            Err(e) => return reply.error(e),
+        };
+        let dots = [(ino.0, OsStr::new(".")), (ino.0, OsStr::new(".."))];
+        let all = dots
+            .into_iter()
+            .chain(entries.iter().map(|(name, ino)| (*ino, name.as_os_str())));
+        for (i, (child, name)) in all.enumerate().skip(offset as usize) {
+            let kind = match state.inodes.get(&child).map(|n| &n.body) {
+                Some(Body::Dir(_)) => FileType::Directory,
+                _ => FileType::RegularFile,
+            };
+            if reply.add(INodeNo(child), i as u64 + 1, kind, name) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn fsyncdir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        // Directory changes are durable at once in this model.
+        reply.ok();
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        // Plenty of room: 64 GiB in 4 KiB blocks, a million inodes.
+        let blocks = 16 << 20;
+        reply.statfs(
+            blocks,
+            blocks,
+            blocks,
+            1 << 20,
+            1 << 20,
+            PAGE as u32,
+            255,
+            PAGE as u32,
+        );
+    }
+
+    fn access(&self, _req: &Request, _ino: INodeNo, _mask: fuser::AccessFlags, reply: ReplyEmpty) {
+        reply.ok();
+    }
+
+    fn fallocate(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        let mut state = self.lock();
+        let result = (|| {
+            let content = state.file_mut(ino.0)?;
+            match mode {
+                // Preallocation without growing the file (RocksDB's WAL and SST files).
+                nix::libc::FALLOC_FL_KEEP_SIZE => Ok(()),
+                0 => {
+                    let end = (offset + length) as usize;
+                    if end > content.current.len() {
+                        content.set_len(end);
+                    }
+                    Ok(())
+                }
+                _ => Err(Errno::EOPNOTSUPP),
+            }
+        })();
+        match result {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn revert_keeps_only_what_was_synced() {
+        let mut c = Content::default();
+        c.write(0, b"hello");
+        c.sync();
+        c.write(5, b" world");
+        c.write(0, b"J");
+        assert_eq!(c.current, b"Jello world");
+        assert!(c.revert());
+        assert_eq!(c.current, b"hello");
+        assert!(!c.revert(), "nothing left to lose");
+    }
+
+    #[test]
+    fn overwrites_past_the_first_page_are_restored() {
+        let mut c = Content::default();
+        c.write(0, &vec![1u8; 3 * PAGE]);
+        c.sync();
+        c.write(PAGE + 10, &[9u8; PAGE]);
+        c.set_len(PAGE / 2);
+        c.set_len(3 * PAGE);
+        c.revert();
+        assert_eq!(c.current, vec![1u8; 3 * PAGE]);
+    }
+
+    #[test]
+    fn sync_copies_cuts_and_overwrites() {
+        let mut c = Content::default();
+        c.write(0, &vec![1u8; 2 * PAGE]);
+        c.sync();
+        c.write(PAGE - 1, &[7, 7]);
+        c.set_len(PAGE + 1);
+        c.sync();
+        c.write(0, b"lost");
+        c.revert();
+        let mut want = vec![1u8; PAGE + 1];
+        want[PAGE - 1] = 7;
+        want[PAGE] = 7;
+        assert_eq!(c.current, want);
+    }
+}
+
+/// Through the kernel: a real mount, written with `std::fs`, as the nodes use it.
+#[cfg(test)]
+mod mount_tests {
+    use std::io::Write;
+
+    use super::*;
+
+    #[test]
+    fn a_power_loss_drops_exactly_the_unsynced_writes_below_its_directory() {
+        if let Err(why) = availability() {
+            // Loud, like the suite's SKIP lines: this machine cannot mount FUSE.
+            eprintln!("SKIPPED: FUSE cannot be mounted here: {why}");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let fs = LossyFs::mount(dir.path()).unwrap();
+        let db = dir.path().join("node-1/db");
+        std::fs::create_dir_all(&db).unwrap();
+
+        let mut wal = std::fs::File::create(db.join("wal")).unwrap();
+        wal.write_all(b"synced").unwrap();
+        wal.sync_data().unwrap();
+        wal.write_all(b"+unsynced").unwrap();
+        std::fs::write(db.join("never-synced"), b"gone").unwrap();
+        let staged = db.join("current.tmp");
+        let mut f = std::fs::File::create(&staged).unwrap();
+        f.write_all(b"renamed").unwrap();
+        f.sync_all().unwrap();
+        std::fs::rename(&staged, db.join("CURRENT")).unwrap();
+        let log = dir.path().join("node-1/node.log");
+        std::fs::write(&log, b"log line").unwrap();
+        drop((wal, f));
+
+        assert_eq!(fs.power_loss(Path::new("node-1/db")).unwrap(), 2);
+        assert_eq!(std::fs::read(db.join("wal")).unwrap(), b"synced");
+        assert_eq!(std::fs::read(db.join("never-synced")).unwrap(), b"");
+        assert_eq!(std::fs::read(db.join("CURRENT")).unwrap(), b"renamed");
+        assert_eq!(
+            std::fs::read(&log).unwrap(),
+            b"log line",
+            "outside the directory"
+        );
+        assert!(fs.power_loss(Path::new("node-1/nope")).is_err());
+        drop(fs);
+    }
+}
