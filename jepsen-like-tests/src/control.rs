@@ -137,6 +137,11 @@ impl Cluster {
         Ok(())
     }
 
+    /// Whether the nodes run on the lossy file system, so that [`Cluster::power_loss`] works.
+    pub fn on_lossy_fs(&self) -> bool {
+        self.lossy.is_some()
+    }
+
     /// SIGKILLs node `id` and drops every write of its data directory that was not fsynced, as
     /// a power cut of its machine would (its log file is kept, for the report). Needs a cluster
     /// started with `lossy`.

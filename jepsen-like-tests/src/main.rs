@@ -69,12 +69,17 @@ struct RunArgs {
     /// strata-node binary (default: next to this one).
     #[arg(long)]
     node_bin: Option<PathBuf>,
-    /// Enable a planted bug (stale-reads, skip-dedup, ack-before-fsync); needs a planted-bugs build of the node.
+    /// Enable a planted bug (stale-reads, skip-dedup, ack-before-fsync, skip-fsync); needs a
+    /// planted-bugs build of the node.
     #[arg(long)]
     planted_bug: Option<String>,
     /// Send reads straight to random nodes.
     #[arg(long)]
     pinned_reads: bool,
+    /// Run the cluster on the in-memory lossy file system (needs FUSE), so that `mixed` also
+    /// cuts power; implied by `--nemesis power-loss`.
+    #[arg(long)]
+    lossy_fs: bool,
 }
 
 fn node_bin(given: Option<PathBuf>) -> anyhow::Result<PathBuf> {
@@ -106,6 +111,7 @@ async fn main_async(cli: Cli) -> anyhow::Result<bool> {
                 node_bin: node_bin(a.node_bin)?,
                 planted_bug: a.planted_bug,
                 pinned_reads: a.pinned_reads,
+                lossy_fs: a.lossy_fs,
                 budget: DEFAULT_BUDGET,
             };
             let r = runner::run(opts).await?;

@@ -20,7 +20,7 @@
 //! - `power-loss`: the same, and every write the nodes had not fsynced is dropped (the cluster
 //!   runs on [`crate::lossy_fs`]): every acknowledged write must have been fsynced;
 //! - `mixed`: any of kill, pause, membership, bounce, restart, transfer, snapshot, crash (and
-//!   partition, where it can run), chosen per cycle.
+//!   power loss with `--lossy-fs`, partition where it can run), chosen per cycle.
 //!
 //! - `partition`: cut links between nodes (see [`crate::net`]): isolate one node, isolate a shard
 //!   leader, majority / minority, random packet loss, and with 5 nodes the majorities ring and the
@@ -69,12 +69,12 @@ pub enum Nemesis {
     Crash,
     /// A power cut of every node at once: SIGKILLed, and every write of their data directories
     /// that was not fsynced dropped, then all restarted (needs FUSE: the cluster runs on the
-    /// in-memory lossy file system, [`crate::lossy_fs`]).
+    /// harness' in-memory lossy file system).
     PowerLoss,
     /// Network partitions (needs a private network namespace and iptables).
     Partition,
-    /// One of kill, pause, membership, bounce, restart, transfer, snapshot, crash (and partition,
-    /// where it can run) per cycle.
+    /// One of kill, pause, membership, bounce, restart, transfer, snapshot, crash (and power loss
+    /// on the lossy file system, partition where it can run) per cycle.
     Mixed,
 }
 
@@ -136,7 +136,7 @@ pub async fn run(
         }
         let kind = match nemesis {
             Nemesis::Mixed => {
-                let kinds = [
+                let mut kinds = vec![
                     Nemesis::Kill,
                     Nemesis::Pause,
                     Nemesis::Membership,
@@ -145,11 +145,16 @@ pub async fn run(
                     Nemesis::Transfer,
                     Nemesis::Snapshot,
                     Nemesis::Crash,
-                    // Last: left out where partitions cannot run.
-                    Nemesis::Partition,
                 ];
-                let n = kinds.len() - usize::from(!crate::net::in_private_netns());
-                kinds[rng.random_range(0..n)]
+                // Only where they can run; appended so that a recorded seed without them still
+                // makes the same choices.
+                if cluster.on_lossy_fs() {
+                    kinds.push(Nemesis::PowerLoss);
+                }
+                if crate::net::in_private_netns() {
+                    kinds.push(Nemesis::Partition);
+                }
+                kinds[rng.random_range(0..kinds.len())]
             }
             other => other,
         };

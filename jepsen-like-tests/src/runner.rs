@@ -51,6 +51,8 @@ pub struct RunOptions {
     pub planted_bug: Option<String>,
     /// Send reads straight to random nodes.
     pub pinned_reads: bool,
+    /// Run the cluster on the lossy file system (always so for the power-loss nemesis).
+    pub lossy_fs: bool,
     /// Search budget per key.
     pub budget: u64,
 }
@@ -89,7 +91,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<RunResult> {
     } else {
         std::env::remove_var("STRATA_PLANTED_BUG");
     }
-    let lossy = opts.nemesis == Nemesis::PowerLoss;
+    let lossy = opts.lossy_fs || opts.nemesis == Nemesis::PowerLoss;
     let mut cluster = Cluster::start(
         &cluster_dir,
         &opts.node_bin,

@@ -176,6 +176,7 @@ pub async fn run_ci(
             node_bin: bin,
             planted_bug: sc.planted_bug.map(String::from),
             pinned_reads: sc.pinned_reads,
+            lossy_fs: false,
             budget: DEFAULT_BUDGET,
         };
         let started = std::time::Instant::now();
