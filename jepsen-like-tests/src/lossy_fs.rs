@@ -97,6 +97,19 @@ pub fn availability() -> Result<(), String> {
     probe
 }
 
+/// Unmounts `dir` if it is a lossy file system whose harness died (every access then fails with
+/// "transport endpoint is not connected"), so that a new run can use the directory again.
+pub fn detach_if_dead(dir: &Path) {
+    if let Err(e) = std::fs::metadata(dir) {
+        if e.raw_os_error() == Some(nix::libc::ENOTCONN) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(dir)
+                .status();
+        }
+    }
+}
+
 const ROOT: u64 = INodeNo::ROOT.0;
 
 /// The whole tree: inodes by number.

@@ -78,6 +78,7 @@ pub struct RunResult {
 pub async fn run(opts: RunOptions) -> anyhow::Result<RunResult> {
     std::fs::create_dir_all(&opts.out)?;
     let cluster_dir = opts.out.join("cluster");
+    crate::lossy_fs::detach_if_dead(&cluster_dir);
     // Another run still using this `--out` would lose its nodes' data dirs from under them.
     if let Some(previous) = ClusterFile::load(&cluster_dir)? {
         previous
