@@ -151,13 +151,21 @@ impl Cluster {
         }
         self.kill(id)?;
         let fs = self.lossy.as_ref().expect("checked above");
-        let node_dir = format!("node-{id}");
+        let data_dir = self
+            .nodes
+            .file()
+            .nodes
+            .iter()
+            .find(|n| n.id == id)
+            .map(|n| n.data_dir.clone())
+            .with_context(|| format!("node {id} is not in the cluster file"))?;
+        // The lossy file system is mounted at the cluster directory; it names paths below it.
+        let node_dir = data_dir.strip_prefix(self.nodes.dir())?;
         let mut lost = 0;
         for sub in ["db", "snapshots"] {
-            let dir = Path::new(&node_dir).join(sub);
             // A node that never wrote snapshots has no such directory.
-            if self.nodes.dir().join(&dir).exists() {
-                lost += fs.power_loss(&dir)?;
+            if data_dir.join(sub).exists() {
+                lost += fs.power_loss(&node_dir.join(sub))?;
             }
         }
         Ok(lost)
@@ -256,20 +264,17 @@ impl Cluster {
     pub fn dir(&self) -> PathBuf {
         self.nodes.dir().to_path_buf()
     }
-}
 
-impl Cluster {
     /// Copies the node logs out of the lossy file system, which goes with the cluster, to the
     /// directory `<cluster dir>-logs` beside it.
     fn save_logs(&self) {
-        let dir = self.nodes.dir();
-        let mut to = dir.as_os_str().to_owned();
+        let mut to = self.nodes.dir().as_os_str().to_owned();
         to.push("-logs");
         let to = PathBuf::from(to);
         let _ = std::fs::create_dir_all(&to);
-        for id in self.ids() {
-            let log = dir.join(format!("node-{id}")).join("node.log");
-            let _ = std::fs::copy(&log, to.join(format!("node-{id}.log")));
+        for node in &self.nodes.file().nodes {
+            let log = node.data_dir.join("node.log");
+            let _ = std::fs::copy(&log, to.join(format!("node-{}.log", node.id)));
         }
     }
 }
