@@ -5,7 +5,8 @@
 //! `node-<id>/` folder per node holding its data and its `node.log`. Running the launcher again on
 //! the same directory restarts the same cluster with its data.
 
-use std::fs::OpenOptions;
+use std::fs::{File, OpenOptions};
+use std::io::Write;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -39,6 +40,34 @@ pub struct NodeEntry {
     pub joined: bool,
 }
 
+/// fsyncs directory `dir`, making the names created, renamed or deleted in it durable.
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// Creates `dir` (and its parents) if missing, fsynced into its parent: a node's data directory,
+/// or the cluster's, must not vanish at a power cut. (The node does the same for what it creates.)
+fn create_dir_durable(dir: &Path) -> std::io::Result<()> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    std::fs::create_dir_all(dir)?;
+    match dir.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => sync_dir(parent),
+        _ => sync_dir(Path::new(".")),
+    }
+}
+
+/// A node's log file, in its data directory.
+pub const NODE_LOG: &str = "node.log";
+
+impl NodeEntry {
+    /// Where the node's output goes.
+    pub fn log_path(&self) -> PathBuf {
+        self.data_dir.join(NODE_LOG)
+    }
+}
+
 /// The content of `cluster.json`.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 pub struct ClusterFile {
@@ -67,9 +96,14 @@ impl ClusterFile {
 
     /// Writes `dir/cluster.json` atomically.
     pub fn save(&self, dir: &Path) -> anyhow::Result<()> {
+        // Written aside, fsynced, renamed over the old file and the rename fsynced: a power cut
+        // leaves the old file or the new one, never a torn or empty one.
         let tmp = dir.join(format!("{CLUSTER_FILE}.tmp"));
-        std::fs::write(&tmp, serde_json::to_vec_pretty(self)?)?;
+        let mut out = File::create(&tmp)?;
+        out.write_all(&serde_json::to_vec_pretty(self)?)?;
+        out.sync_all()?;
         std::fs::rename(&tmp, dir.join(CLUSTER_FILE))?;
+        sync_dir(dir)?;
         Ok(())
     }
 
@@ -144,7 +178,7 @@ impl LocalCluster {
         node_bin: &Path,
         spec: &ClusterSpec,
     ) -> anyhow::Result<LocalCluster> {
-        std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+        create_dir_durable(dir).with_context(|| format!("create {}", dir.display()))?;
         let dir = dir.canonicalize()?;
         let file = match ClusterFile::load(&dir)? {
             Some(f) => f,
@@ -259,8 +293,8 @@ impl LocalCluster {
         let initial = self.file.initial_cluster();
         let shards = self.file.shards;
         let entry = self.entry_mut(id)?.clone();
-        std::fs::create_dir_all(&entry.data_dir)?;
-        let log_path = entry.data_dir.join("node.log");
+        create_dir_durable(&entry.data_dir)?;
+        let log_path = entry.log_path();
         let log = OpenOptions::new()
             .create(true)
             .append(true)
@@ -516,7 +550,7 @@ impl LocalCluster {
     /// The last `n` lines of node `id`'s log, on one line.
     pub fn log_tail(&self, id: u64, n: usize) -> String {
         let path = match self.file.nodes.iter().find(|e| e.id == id) {
-            Some(e) => e.data_dir.join("node.log"),
+            Some(e) => e.log_path(),
             None => return String::new(),
         };
         let text = std::fs::read_to_string(&path).unwrap_or_default();

@@ -11,9 +11,9 @@ use std::time::Duration;
 use anyhow::Context;
 use nix::sys::signal::Signal;
 use strata_client::{Client, ClientBuilder};
-use strata_cluster::launcher::{ClusterSpec, LocalCluster};
+use strata_cluster::launcher::{ClusterSpec, LocalCluster, NODE_LOG};
 
-use crate::lossy_fs::LossyFs;
+use crate::lossy_fs::{LossyFs, Lost};
 
 /// How long a node may take to stop after SIGTERM (it hands its leaderships over and drains its
 /// calls first) before the stop counts as failed.
@@ -142,10 +142,10 @@ impl Cluster {
         self.lossy.is_some()
     }
 
-    /// SIGKILLs node `id` and drops every write of its data directory that was not fsynced, as
-    /// a power cut of its machine would (its log file is kept, for the report). Needs a cluster
-    /// started with `lossy`.
-    pub fn power_loss(&mut self, id: u64) -> anyhow::Result<usize> {
+    /// SIGKILLs node `id` and drops every write and directory change in its data directory that
+    /// was not fsynced, as a power cut of its machine would (its log file is kept, for the
+    /// report). Needs a cluster started with `lossy`.
+    pub fn power_loss(&mut self, id: u64) -> anyhow::Result<Lost> {
         if self.lossy.is_none() {
             anyhow::bail!("power loss needs the cluster on the lossy file system");
         }
@@ -161,14 +161,7 @@ impl Cluster {
             .with_context(|| format!("node {id} is not in the cluster file"))?;
         // The lossy file system is mounted at the cluster directory; it names paths below it.
         let node_dir = data_dir.strip_prefix(self.nodes.dir())?;
-        let mut lost = 0;
-        for sub in ["db", "snapshots"] {
-            // A node that never wrote snapshots has no such directory.
-            if data_dir.join(sub).exists() {
-                lost += fs.power_loss(&node_dir.join(sub))?;
-            }
-        }
-        Ok(lost)
+        fs.power_loss(node_dir, &[Path::new(NODE_LOG)])
     }
 
     /// Stops node `id` as an operator would before a restart: SIGTERM, and it must exit on its own
@@ -273,7 +266,7 @@ impl Cluster {
         let to = PathBuf::from(to);
         let _ = std::fs::create_dir_all(&to);
         for node in &self.nodes.file().nodes {
-            let log = node.data_dir.join("node.log");
+            let log = node.log_path();
             let _ = std::fs::copy(&log, to.join(format!("node-{}.log", node.id)));
         }
     }

@@ -7,10 +7,13 @@
 //! The model is the one of Jepsen's LazyFS:
 //! - a write changes the file at once (reads see it); `fsync` / `fdatasync` of the file makes its
 //!   whole current content durable;
-//! - a power loss puts every file below a directory back to its durable content (cut back,
-//!   overwritten pages restored, unsynced growth gone);
-//! - directory changes (create, rename, link, unlink) are durable at once: lost directory
-//!   entries are not simulated, only lost file data.
+//! - a directory change (create, rename, link, unlink, mkdir, rmdir) is visible at once and
+//!   durable only once the directory itself is fsynced, as POSIX promises and no more (ext4's
+//!   journal often saves a store that forgets that fsync; this model never does);
+//! - a power loss puts every directory below a given one back to its durable entries (a file
+//!   created since comes out missing, a file deleted or renamed away comes back), then every file
+//!   still named there back to its durable content (cut back, overwritten pages restored, unsynced
+//!   growth gone).
 //!
 //! Files are opened with direct I/O and attributes are never cached by the kernel, so after a
 //! power loss the next reader sees exactly the durable content. Everything lives in the memory
@@ -65,21 +68,39 @@ impl LossyFs {
         })
     }
 
-    /// Drops every un-fsynced write of every file below `dir` (a path relative to the mount
-    /// point), as a power cut would. The processes using those files must be dead already.
-    /// Returns how many files lost data.
-    pub fn power_loss(&self, dir: &Path) -> anyhow::Result<usize> {
+    /// Drops every change below `dir` (a path relative to the mount point) that was not
+    /// fsynced, as a power cut would: directory entries first, then file data. The files named
+    /// in `spared` (paths relative to `dir`) are kept whole, as if they were on another disk: a
+    /// node's log, for the report. The processes using those files must be dead already.
+    /// Returns what was lost.
+    pub fn power_loss(&self, dir: &Path, spared: &[&Path]) -> anyhow::Result<Lost> {
         let mut state = self.state.lock().expect("lossy fs poisoned");
-        let mut ino = ROOT;
-        for part in dir.components() {
-            let Component::Normal(name) = part else {
-                anyhow::bail!("power loss: {dir:?} must be a plain relative path");
+        let root = state.resolve(ROOT, dir)?;
+        for path in spared {
+            let (Some(parent), Some(name)) = (path.parent(), path.file_name()) else {
+                anyhow::bail!("power loss: {path:?} names no file");
             };
-            ino = state
-                .child(ino, name)
-                .ok_or_else(|| anyhow::anyhow!("power loss: no directory {dir:?}"))?;
+            let parent = state.resolve(root, parent)?;
+            state.make_durable(parent, name)?;
         }
-        Ok(state.revert_below(ino))
+        Ok(state.revert_below(root))
+    }
+}
+
+/// What a power loss dropped.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Lost {
+    /// Files whose content went back to what was last fsynced.
+    pub files: usize,
+    /// Directory entries that went back to what was there at the directory's last fsync (a
+    /// name created since and gone, deleted since and back, or naming another file).
+    pub entries: usize,
+}
+
+impl std::ops::AddAssign for Lost {
+    fn add_assign(&mut self, other: Lost) {
+        self.files += other.files;
+        self.entries += other.entries;
     }
 }
 
@@ -121,16 +142,44 @@ struct State {
 struct Inode {
     body: Body,
     perm: u16,
-    /// Directory entries naming this inode.
+    /// Directory entries naming this inode, as processes see them.
     nlink: u32,
+    /// Durable directory entries naming this inode: a file unlinked without a directory fsync
+    /// lives on, to come back at a power loss.
+    durable_links: u32,
     /// Open file handles; an unlinked file lives on until the last is released.
     open: u32,
     mtime: SystemTime,
 }
 
 enum Body {
-    Dir(BTreeMap<OsString, u64>),
+    Dir(Dir),
     File(Content),
+}
+
+/// A directory's entries as processes see them, and as they would be found after a power loss.
+#[derive(Default)]
+struct Dir {
+    entries: BTreeMap<OsString, u64>,
+    /// The entries at the directory's last fsync.
+    durable: BTreeMap<OsString, u64>,
+}
+
+impl Dir {
+    /// How many names differ between the current and the durable entries.
+    fn changed_names(&self) -> usize {
+        let current = self
+            .entries
+            .iter()
+            .filter(|(name, ino)| self.durable.get(*name) != Some(*ino))
+            .count();
+        let gone = self
+            .durable
+            .keys()
+            .filter(|name| !self.entries.contains_key(*name))
+            .count();
+        current + gone
+    }
 }
 
 /// A file's bytes as processes see them, and as they would be found after a power loss.
@@ -191,7 +240,7 @@ impl Content {
 impl State {
     fn new() -> State {
         let mut inodes = HashMap::new();
-        inodes.insert(ROOT, Inode::new(Body::Dir(BTreeMap::new()), 0o755));
+        inodes.insert(ROOT, Inode::new(Body::Dir(Dir::default()), 0o755));
         State {
             inodes,
             next_ino: ROOT + 1,
@@ -206,16 +255,17 @@ impl State {
         self.inodes.get_mut(&ino).ok_or(Errno::ENOENT)
     }
 
+    /// The current entries of directory `ino`.
     fn dir(&self, ino: u64) -> Result<&BTreeMap<OsString, u64>, Errno> {
         match &self.get(ino)?.body {
-            Body::Dir(entries) => Ok(entries),
+            Body::Dir(dir) => Ok(&dir.entries),
             Body::File(_) => Err(Errno::ENOTDIR),
         }
     }
 
     fn dir_mut(&mut self, ino: u64) -> Result<&mut BTreeMap<OsString, u64>, Errno> {
         match &mut self.get_mut(ino)?.body {
-            Body::Dir(entries) => Ok(entries),
+            Body::Dir(dir) => Ok(&mut dir.entries),
             Body::File(_) => Err(Errno::ENOTDIR),
         }
     }
@@ -229,6 +279,50 @@ impl State {
 
     fn child(&self, parent: u64, name: &OsStr) -> Option<u64> {
         self.dir(parent).ok()?.get(name).copied()
+    }
+
+    /// The inode at `path` (plain and relative) below directory `from`.
+    fn resolve(&self, from: u64, path: &Path) -> anyhow::Result<u64> {
+        let mut ino = from;
+        for part in path.components() {
+            let Component::Normal(name) = part else {
+                anyhow::bail!("{path:?} must be a plain relative path");
+            };
+            ino = self
+                .child(ino, name)
+                .ok_or_else(|| anyhow::anyhow!("no {path:?} in the lossy file system"))?;
+        }
+        Ok(ino)
+    }
+
+    /// Makes the file `name` of `parent`, content and entry, durable as it is now.
+    fn make_durable(&mut self, parent: u64, name: &OsStr) -> anyhow::Result<()> {
+        let ino = self
+            .child(parent, name)
+            .ok_or_else(|| anyhow::anyhow!("no file {name:?} to spare"))?;
+        self.file_mut(ino)
+            .map_err(|e| anyhow::anyhow!("spare {name:?}: {e:?}"))?
+            .sync();
+        let Some(Inode {
+            body: Body::Dir(dir),
+            ..
+        }) = self.inodes.get_mut(&parent)
+        else {
+            anyhow::bail!("spare {name:?}: its parent is not a directory");
+        };
+        let before = dir.durable.insert(name.to_owned(), ino);
+        if before != Some(ino) {
+            if let Some(node) = self.inodes.get_mut(&ino) {
+                node.durable_links += 1;
+            }
+            if let Some(before) = before {
+                if let Some(node) = self.inodes.get_mut(&before) {
+                    node.durable_links = node.durable_links.saturating_sub(1);
+                }
+                self.free_if_unused(before);
+            }
+        }
+        Ok(())
     }
 
     fn attr(&self, ino: u64) -> Result<FileAttr, Errno> {
@@ -285,20 +379,93 @@ impl State {
         match (&self.get(ino)?.body, dir) {
             (Body::Dir(_), false) => return Err(Errno::EISDIR),
             (Body::File(_), true) => return Err(Errno::ENOTDIR),
-            (Body::Dir(entries), true) if !entries.is_empty() => return Err(Errno::ENOTEMPTY),
+            (Body::Dir(d), true) if !d.entries.is_empty() => return Err(Errno::ENOTEMPTY),
             _ => {}
         }
         self.remove_entry(parent, name)
     }
 
+    /// Frees `ino` once nothing names it (now or durably) or holds it open; a directory freed
+    /// lets go of what its entries named.
     fn free_if_unused(&mut self, ino: u64) {
-        if self
-            .inodes
-            .get(&ino)
-            .is_some_and(|n| n.nlink == 0 && n.open == 0)
-        {
-            self.inodes.remove(&ino);
+        let mut stack = vec![ino];
+        while let Some(ino) = stack.pop() {
+            let unused = self
+                .inodes
+                .get(&ino)
+                .is_some_and(|n| n.nlink == 0 && n.durable_links == 0 && n.open == 0);
+            if !unused || ino == ROOT {
+                continue;
+            }
+            if let Some(Inode {
+                body: Body::Dir(dir),
+                ..
+            }) = self.inodes.remove(&ino)
+            {
+                for child in dir.entries.values() {
+                    if let Some(node) = self.inodes.get_mut(child) {
+                        node.nlink = node.nlink.saturating_sub(1);
+                    }
+                }
+                for child in dir.durable.values() {
+                    if let Some(node) = self.inodes.get_mut(child) {
+                        node.durable_links = node.durable_links.saturating_sub(1);
+                    }
+                }
+                stack.extend(dir.entries.values().chain(dir.durable.values()));
+            }
         }
+    }
+
+    /// `fsync` of directory `ino`: its current entries become durable.
+    fn sync_dir(&mut self, ino: u64) -> Result<(), Errno> {
+        let Body::Dir(dir) = &mut self.get_mut(ino)?.body else {
+            return Err(Errno::ENOTDIR);
+        };
+        let old = std::mem::replace(&mut dir.durable, dir.entries.clone());
+        let new: Vec<u64> = dir.durable.values().copied().collect();
+        // Count the new links before dropping the old, so that a file named in both stays.
+        for child in new {
+            self.get_mut(child)?.durable_links += 1;
+        }
+        for child in old.into_values() {
+            if let Some(node) = self.inodes.get_mut(&child) {
+                node.durable_links = node.durable_links.saturating_sub(1);
+            }
+            self.free_if_unused(child);
+        }
+        Ok(())
+    }
+
+    /// Power loss of directory `ino` (nothing if it is a file): back to its durable entries.
+    /// Returns how many names changed.
+    fn revert_dir(&mut self, ino: u64) -> usize {
+        let Some(Inode {
+            body: Body::Dir(dir),
+            ..
+        }) = self.inodes.get_mut(&ino)
+        else {
+            return 0;
+        };
+        let changed = dir.changed_names();
+        if changed == 0 {
+            return 0;
+        }
+        let old = std::mem::replace(&mut dir.entries, dir.durable.clone());
+        let new: Vec<u64> = dir.entries.values().copied().collect();
+        for child in new {
+            if let Some(node) = self.inodes.get_mut(&child) {
+                node.nlink += 1;
+            }
+        }
+        for child in old.into_values() {
+            if let Some(node) = self.inodes.get_mut(&child) {
+                node.nlink = node.nlink.saturating_sub(1);
+            }
+            self.free_if_unused(child);
+        }
+        self.touch(ino);
+        changed
     }
 
     fn touch(&mut self, ino: u64) {
@@ -307,14 +474,16 @@ impl State {
         }
     }
 
-    /// Reverts every file below `ino`; returns how many lost data.
-    fn revert_below(&mut self, ino: u64) -> usize {
-        let mut lost = 0;
+    /// Reverts directory `ino` and everything it durably names, top down: each directory's
+    /// entries first, so that only what survives them is visited.
+    fn revert_below(&mut self, ino: u64) -> Lost {
+        let mut lost = Lost::default();
         let mut stack = vec![ino];
         while let Some(ino) = stack.pop() {
+            lost.entries += self.revert_dir(ino);
             match self.inodes.get_mut(&ino).map(|n| &mut n.body) {
-                Some(Body::Dir(entries)) => stack.extend(entries.values().copied()),
-                Some(Body::File(content)) => lost += usize::from(content.revert()),
+                Some(Body::Dir(dir)) => stack.extend(dir.entries.values().copied()),
+                Some(Body::File(content)) => lost.files += usize::from(content.revert()),
                 None => {}
             }
         }
@@ -339,7 +508,9 @@ impl State {
                 return Err(Errno::EEXIST);
             }
             match (&self.get(ino)?.body, &self.get(target)?.body) {
-                (Body::Dir(_), Body::Dir(t)) if !t.is_empty() => return Err(Errno::ENOTEMPTY),
+                (Body::Dir(_), Body::Dir(t)) if !t.entries.is_empty() => {
+                    return Err(Errno::ENOTEMPTY)
+                }
                 (Body::Dir(_), Body::File(_)) => return Err(Errno::ENOTDIR),
                 (Body::File(_), Body::Dir(_)) => return Err(Errno::EISDIR),
                 _ => {}
@@ -362,6 +533,7 @@ impl Inode {
             body,
             perm,
             nlink: 1,
+            durable_links: 0,
             open: 0,
             mtime: SystemTime::now(),
         }
@@ -451,7 +623,7 @@ impl Filesystem for Shared {
         reply: ReplyEntry,
     ) {
         let mut state = self.lock();
-        let body = Body::Dir(BTreeMap::new());
+        let body = Body::Dir(Dir::default());
         match state
             .insert(parent.0, name, body, perm_of(mode, umask))
             .and_then(|ino| state.attr(ino))
@@ -692,13 +864,15 @@ impl Filesystem for Shared {
     fn fsyncdir(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         _fh: FileHandle,
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        // Directory changes are durable at once in this model.
-        reply.ok();
+        match self.lock().sync_dir(ino.0) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
@@ -799,6 +973,76 @@ mod tests {
     }
 }
 
+#[cfg(test)]
+mod dir_tests {
+    use super::*;
+
+    fn file(state: &mut State, parent: u64, name: &str, data: &[u8]) -> u64 {
+        let mut content = Content::default();
+        content.write(0, data);
+        content.sync();
+        state
+            .insert(parent, OsStr::new(name), Body::File(content), 0o644)
+            .unwrap()
+    }
+
+    fn names(state: &State, dir: u64) -> Vec<(String, u64)> {
+        let entries = state.dir(dir).unwrap();
+        entries
+            .iter()
+            .map(|(n, i)| (n.to_string_lossy().into_owned(), *i))
+            .collect()
+    }
+
+    #[test]
+    fn a_rename_over_a_file_is_undone_unless_the_directory_was_fsynced() {
+        let mut state = State::new();
+        let old = file(&mut state, ROOT, "CURRENT", b"old");
+        state.sync_dir(ROOT).unwrap();
+        let new = file(&mut state, ROOT, "CURRENT.tmp", b"new");
+        let (a, b) = (OsStr::new("CURRENT.tmp"), OsStr::new("CURRENT"));
+        state
+            .rename(ROOT, a, ROOT, b, RenameFlags::empty())
+            .unwrap();
+        assert!(state.inodes.contains_key(&old), "durably named: kept");
+
+        let lost = state.revert_below(ROOT);
+        assert_eq!(
+            lost,
+            Lost {
+                files: 0,
+                entries: 1
+            }
+        );
+        assert_eq!(names(&state, ROOT), [("CURRENT".to_string(), old)]);
+        assert!(!state.inodes.contains_key(&new), "named nowhere: freed");
+
+        state
+            .insert(ROOT, a, Body::File(Content::default()), 0o644)
+            .unwrap();
+        state
+            .rename(ROOT, a, ROOT, b, RenameFlags::empty())
+            .unwrap();
+        state.sync_dir(ROOT).unwrap();
+        assert!(!state.inodes.contains_key(&old), "replaced durably: freed");
+        assert_eq!(state.revert_below(ROOT), Lost::default());
+    }
+
+    #[test]
+    fn a_directory_lost_at_a_power_loss_lets_go_of_its_files() {
+        let mut state = State::new();
+        let dir = state
+            .insert(ROOT, OsStr::new("d"), Body::Dir(Dir::default()), 0o755)
+            .unwrap();
+        let inside = file(&mut state, dir, "f", b"x");
+        state.sync_dir(dir).unwrap();
+        assert_eq!(state.revert_below(ROOT).entries, 1);
+        assert!(!state.inodes.contains_key(&dir));
+        assert!(!state.inodes.contains_key(&inside));
+        assert_eq!(state.inodes.len(), 1, "only the root is left");
+    }
+}
+
 /// Through the kernel: a real mount, written with `std::fs`, as the nodes use it.
 #[cfg(test)]
 mod mount_tests {
@@ -818,30 +1062,74 @@ mod mount_tests {
         let db = dir.path().join("node-1/db");
         std::fs::create_dir_all(&db).unwrap();
 
+        let sync_dir = |path: &Path| std::fs::File::open(path).unwrap().sync_all().unwrap();
+
         let mut wal = std::fs::File::create(db.join("wal")).unwrap();
         wal.write_all(b"synced").unwrap();
         wal.sync_data().unwrap();
-        wal.write_all(b"+unsynced").unwrap();
         std::fs::write(db.join("never-synced"), b"gone").unwrap();
+        std::fs::write(db.join("obsolete"), b"old").unwrap();
+        std::fs::File::open(db.join("obsolete"))
+            .unwrap()
+            .sync_all()
+            .unwrap();
+        sync_dir(&db);
+        wal.write_all(b"+unsynced").unwrap();
+
+        // Renamed and its directory fsynced: durable.
         let staged = db.join("current.tmp");
         let mut f = std::fs::File::create(&staged).unwrap();
         f.write_all(b"renamed").unwrap();
         f.sync_all().unwrap();
         std::fs::rename(&staged, db.join("CURRENT")).unwrap();
+        sync_dir(&db);
+        // Deleted, its directory not fsynced since: it comes back.
+        std::fs::remove_file(db.join("obsolete")).unwrap();
+        // The file fsynced, its name not: it goes, with the directory made after the last
+        // directory fsync.
+        let mut lost = std::fs::File::create(db.join("unnamed")).unwrap();
+        lost.write_all(b"data").unwrap();
+        lost.sync_all().unwrap();
+        std::fs::create_dir(db.join("new-dir")).unwrap();
+        std::fs::write(db.join("new-dir/inside"), b"x").unwrap();
         let log = dir.path().join("node-1/node.log");
         std::fs::write(&log, b"log line").unwrap();
-        drop((wal, f));
+        drop((wal, f, lost));
 
-        assert_eq!(fs.power_loss(Path::new("node-1/db")).unwrap(), 2);
+        let got = fs.power_loss(Path::new("node-1/db"), &[]).unwrap();
+        assert_eq!(
+            got,
+            Lost {
+                files: 2,
+                entries: 3
+            }
+        );
+        let mut names: Vec<_> = std::fs::read_dir(&db)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["CURRENT", "never-synced", "obsolete", "wal"]);
         assert_eq!(std::fs::read(db.join("wal")).unwrap(), b"synced");
         assert_eq!(std::fs::read(db.join("never-synced")).unwrap(), b"");
+        assert_eq!(std::fs::read(db.join("obsolete")).unwrap(), b"old", "back");
         assert_eq!(std::fs::read(db.join("CURRENT")).unwrap(), b"renamed");
         assert_eq!(
             std::fs::read(&log).unwrap(),
             b"log line",
             "outside the directory"
         );
-        assert!(fs.power_loss(Path::new("node-1/nope")).is_err());
+        assert!(fs.power_loss(Path::new("node-1/nope"), &[]).is_err());
+
+        // The whole node directory: `db` was never named durably in it, so it goes; the spared
+        // log stays whole.
+        std::fs::write(&log, b"log line\nmore").unwrap();
+        let got = fs
+            .power_loss(Path::new("node-1"), &[Path::new("node.log")])
+            .unwrap();
+        assert_eq!(got.entries, 1, "db");
+        assert!(!db.exists());
+        assert_eq!(std::fs::read(&log).unwrap(), b"log line\nmore");
         drop(fs);
     }
 }

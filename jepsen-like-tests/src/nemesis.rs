@@ -40,6 +40,7 @@ use strata_proto::v1::{PutRequest, RequestId};
 
 use crate::control::Cluster;
 use crate::history::{Event, Kind, Recorder, F};
+use crate::lossy_fs::Lost;
 use crate::workload::write_error_kind;
 
 /// Which faults to inject.
@@ -221,10 +222,10 @@ pub async fn run(
                 let all = cluster.healthy();
                 let mut targets = all.iter().map(u64::to_string).collect::<Vec<_>>().join(",");
                 recorder.record(event(F::Start, name, targets.clone()));
-                let mut files_lost = 0;
+                let mut lost = Lost::default();
                 for id in &all {
                     if power {
-                        files_lost += cluster.power_loss(*id)?;
+                        lost += cluster.power_loss(*id)?;
                     } else {
                         cluster.kill(*id)?;
                     }
@@ -232,7 +233,10 @@ pub async fn run(
                 sleep(timing.hold, &stop).await;
                 cluster.heal()?;
                 if power {
-                    targets += &format!(" ({files_lost} files lost unsynced writes)");
+                    targets += &format!(
+                        " ({} files lost unsynced writes, {} directory entries reverted)",
+                        lost.files, lost.entries
+                    );
                 }
                 recorder.record(event(F::Stop, name, targets));
             }

@@ -126,6 +126,16 @@ pub fn ci_matrix() -> Vec<Scenario> {
             expect_valid: false,
             ..s("planted-skip-fsync", Workload::Set, Nemesis::PowerLoss, 15)
         },
+        Scenario {
+            planted_bug: Some("skip-dir-fsync"),
+            expect_valid: false,
+            ..s(
+                "planted-skip-dir-fsync",
+                Workload::Set,
+                Nemesis::PowerLoss,
+                10,
+            )
+        },
     ]
 }
 

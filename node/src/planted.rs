@@ -20,6 +20,10 @@ pub enum Bug {
     /// acknowledged while they sit in the page cache. A SIGKILL keeps them; only a power loss
     /// (the chaos suite's lossy file system) drops them.
     SkipFsync,
+    /// `skip-dir-fsync`: the node never fsyncs a directory, so the entries it creates, renames
+    /// or deletes (its database's directory among them) are not durable. Only a power loss that
+    /// also drops directory entries (the lossy file system) finds it.
+    SkipDirFsync,
 }
 
 #[cfg(feature = "planted-bugs")]
@@ -30,6 +34,7 @@ impl Bug {
             Bug::SkipDedup => "skip-dedup",
             Bug::AckBeforeFsync => "ack-before-fsync",
             Bug::SkipFsync => "skip-fsync",
+            Bug::SkipDirFsync => "skip-dir-fsync",
         }
     }
 }

@@ -121,7 +121,7 @@ async fn add_node(a: &AddNodeArgs) -> anyhow::Result<()> {
         cluster.file().nodes.last().and_then(|n| n.pid).unwrap_or(0),
         entry.client_addr,
         entry.peer_addr,
-        entry.data_dir.join("node.log").display()
+        entry.log_path().display()
     );
     println!(
         "add it to the cluster with: strata node add --addr {} --wait",
@@ -189,7 +189,7 @@ async fn up(a: &UpArgs) -> anyhow::Result<()> {
             n.client_addr,
             n.peer_addr,
             n.pid.unwrap_or(0),
-            n.data_dir.join("node.log").display()
+            n.log_path().display()
         ));
     }
     out(format_args!("endpoints: {}", cluster.endpoints().join(",")));

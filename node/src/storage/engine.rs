@@ -47,7 +47,8 @@ impl Engine {
     /// Opens (or creates) the database under `dir`, bounding memtables and block cache by
     /// `memory_budget` bytes in total.
     pub fn open(dir: &Path, memory_budget: usize) -> anyhow::Result<Arc<Engine>> {
-        std::fs::create_dir_all(dir)?;
+        // Durably: a power cut must not lose the new database's directory entry.
+        super::dirs::create_dir_durable(dir)?;
         // One budget: the block cache gets the budget, and memtables are charged against the same
         // cache by the write buffer manager (at most half of it).
         let cache = Cache::new_lru_cache(memory_budget);

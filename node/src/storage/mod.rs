@@ -1,6 +1,7 @@
 //! Storage: one RocksDB per node, shared by every Raft group on it.
 //!
 //! - [`keys`]: the key encodings of the column families.
+//! - [`dirs`]: creating, syncing and deleting directory entries durably.
 //! - [`engine`]: opening RocksDB with the memory budget, and the group-commit syncer.
 //! - [`log_store`]: openraft's log storage for one group.
 //! - [`state_machine`]: the KV state machine of one group (data, applied id, membership).
@@ -22,6 +23,7 @@
 //! vote is written with `sync = true`; apply writes data and `sm_meta` in one `WriteBatch` without
 //! fsync (after a crash the group replays committed entries from its durable last-applied).
 
+pub mod dirs;
 pub mod engine;
 pub mod install;
 pub mod keys;

@@ -27,6 +27,7 @@ use openraft::storage::RaftSnapshotBuilder;
 use openraft::type_config::alias::{LogIdOf, SnapshotMetaOf, SnapshotOf, StoredMembershipOf};
 use tokio::task::JoinHandle;
 
+use super::dirs::{create_dir_durable, remove_file_durable, sync_dir};
 use super::keys::{group_range, CF_DATA};
 use super::snapshot_format::{Sessions, SnapshotReader, SnapshotWriter, MAGIC};
 use super::Engine;
@@ -133,7 +134,7 @@ impl SnapshotFile {
     /// A new, unique staged name for a snapshot of this group (the file is not created).
     pub fn stage(&self) -> std::io::Result<StagedFile> {
         static NEXT: AtomicU64 = AtomicU64::new(0);
-        std::fs::create_dir_all(&self.dir)?;
+        create_dir_durable(&self.dir)?;
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
         Ok(StagedFile {
             path: self
@@ -156,7 +157,7 @@ impl SnapshotFile {
             }
         }
         std::fs::rename(&staged.path, &self.path)?;
-        File::open(&self.dir)?.sync_all()
+        sync_dir(&self.dir)
     }
 
     /// Copies the snapshot in `file` (from its start) to a new staged file, fsynced.
@@ -171,8 +172,8 @@ impl SnapshotFile {
 
     /// Deletes the snapshot files (the group left this node).
     pub fn remove(&self) -> std::io::Result<()> {
-        remove_if_there(&self.path)?;
-        remove_if_there(&self.installing_path())
+        remove_file_durable(&self.path)?;
+        remove_file_durable(&self.installing_path())
     }
 
     /// Where the snapshot being installed is kept until the install is complete: a crash midway
@@ -184,7 +185,7 @@ impl SnapshotFile {
     /// Makes the fsynced staged file the snapshot being installed.
     pub fn begin_install(&self, staged: StagedFile) -> std::io::Result<()> {
         std::fs::rename(&staged.path, self.installing_path())?;
-        File::open(&self.dir)?.sync_all()
+        sync_dir(&self.dir)
     }
 
     /// The snapshot being installed, opened at its start.
@@ -209,7 +210,7 @@ impl SnapshotFile {
 
     /// Deletes a snapshot whose install never began.
     pub fn discard_install(&self) -> std::io::Result<()> {
-        remove_if_there(&self.installing_path())
+        remove_file_durable(&self.installing_path())
     }
 
     /// The current snapshot, if any.
@@ -249,13 +250,6 @@ fn open_if_there(path: &Path) -> std::io::Result<Option<File>> {
         Ok(file) => Ok(Some(file)),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(e),
-    }
-}
-
-fn remove_if_there(path: &Path) -> std::io::Result<()> {
-    match std::fs::remove_file(path) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
-        _ => Ok(()),
     }
 }
 
@@ -366,7 +360,7 @@ mod legacy {
         }
         w.finish()?;
         std::fs::rename(&staged.path, &snap.path)?;
-        File::open(&snap.dir)?.sync_all()?;
+        sync_dir(&snap.dir)?;
         tracing::info!(
             group = snap.group,
             "converted a snapshot file to the current format"
