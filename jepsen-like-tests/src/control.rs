@@ -11,7 +11,7 @@ use std::time::Duration;
 use anyhow::Context;
 use nix::sys::signal::Signal;
 use strata_client::{Client, ClientBuilder};
-use strata_cluster::launcher::{ClusterSpec, LocalCluster, NODE_LOG};
+use strata_cluster::launcher::{ClusterSpec, LocalCluster, NodeEntry, NODE_LOG};
 
 use crate::lossy_fs::{LossyFs, Lost};
 
@@ -109,14 +109,14 @@ impl Cluster {
         self.nodes.file().nodes.iter().map(|n| n.id).collect()
     }
 
+    /// Node `id` as the cluster file records it.
+    fn entry(&self, id: u64) -> Option<&NodeEntry> {
+        self.nodes.file().nodes.iter().find(|n| n.id == id)
+    }
+
     /// Client address of node `id`.
     pub fn addr(&self, id: u64) -> Option<String> {
-        self.nodes
-            .file()
-            .nodes
-            .iter()
-            .find(|n| n.id == id)
-            .map(|n| n.client_addr.clone())
+        self.entry(id).map(|n| n.client_addr.clone())
     }
 
     /// Nodes neither down nor paused.
@@ -152,11 +152,7 @@ impl Cluster {
         self.kill(id)?;
         let fs = self.lossy.as_ref().expect("checked above");
         let data_dir = self
-            .nodes
-            .file()
-            .nodes
-            .iter()
-            .find(|n| n.id == id)
+            .entry(id)
             .map(|n| n.data_dir.clone())
             .with_context(|| format!("node {id} is not in the cluster file"))?;
         // The lossy file system is mounted at the cluster directory; it names paths below it.

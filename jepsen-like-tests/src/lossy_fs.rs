@@ -157,6 +157,24 @@ enum Body {
     File(Content),
 }
 
+/// Which of an inode's two link counts a directory's entries feed.
+#[derive(Clone, Copy)]
+enum Links {
+    /// The entries processes see: `nlink`.
+    Current,
+    /// The entries at the directory's last fsync: `durable_links`.
+    Durable,
+}
+
+impl Links {
+    fn of(self, node: &mut Inode) -> &mut u32 {
+        match self {
+            Links::Current => &mut node.nlink,
+            Links::Durable => &mut node.durable_links,
+        }
+    }
+}
+
 /// A directory's entries as processes see them, and as they would be found after a power loss.
 #[derive(Default)]
 struct Dir {
@@ -311,17 +329,7 @@ impl State {
             anyhow::bail!("spare {name:?}: its parent is not a directory");
         };
         let before = dir.durable.insert(name.to_owned(), ino);
-        if before != Some(ino) {
-            if let Some(node) = self.inodes.get_mut(&ino) {
-                node.durable_links += 1;
-            }
-            if let Some(before) = before {
-                if let Some(node) = self.inodes.get_mut(&before) {
-                    node.durable_links = node.durable_links.saturating_sub(1);
-                }
-                self.free_if_unused(before);
-            }
-        }
+        self.relink(Links::Durable, before, Some(ino));
         Ok(())
     }
 
@@ -388,32 +396,43 @@ impl State {
     /// Frees `ino` once nothing names it (now or durably) or holds it open; a directory freed
     /// lets go of what its entries named.
     fn free_if_unused(&mut self, ino: u64) {
-        let mut stack = vec![ino];
-        while let Some(ino) = stack.pop() {
-            let unused = self
-                .inodes
-                .get(&ino)
-                .is_some_and(|n| n.nlink == 0 && n.durable_links == 0 && n.open == 0);
-            if !unused || ino == ROOT {
-                continue;
+        let unused = self
+            .inodes
+            .get(&ino)
+            .is_some_and(|n| n.nlink == 0 && n.durable_links == 0 && n.open == 0);
+        if !unused || ino == ROOT {
+            return;
+        }
+        if let Some(Inode {
+            body: Body::Dir(dir),
+            ..
+        }) = self.inodes.remove(&ino)
+        {
+            self.relink(Links::Current, dir.entries.into_values(), None);
+            self.relink(Links::Durable, dir.durable.into_values(), None);
+        }
+    }
+
+    /// A directory's entries (current or durable, as `links` says) went from naming `old` to
+    /// naming `new`: counts the new links first, so that an inode in both stays, then drops the
+    /// old ones and frees what nothing holds any more.
+    fn relink(
+        &mut self,
+        links: Links,
+        old: impl IntoIterator<Item = u64>,
+        new: impl IntoIterator<Item = u64>,
+    ) {
+        for child in new {
+            if let Some(node) = self.inodes.get_mut(&child) {
+                *links.of(node) += 1;
             }
-            if let Some(Inode {
-                body: Body::Dir(dir),
-                ..
-            }) = self.inodes.remove(&ino)
-            {
-                for child in dir.entries.values() {
-                    if let Some(node) = self.inodes.get_mut(child) {
-                        node.nlink = node.nlink.saturating_sub(1);
-                    }
-                }
-                for child in dir.durable.values() {
-                    if let Some(node) = self.inodes.get_mut(child) {
-                        node.durable_links = node.durable_links.saturating_sub(1);
-                    }
-                }
-                stack.extend(dir.entries.values().chain(dir.durable.values()));
+        }
+        for child in old {
+            if let Some(node) = self.inodes.get_mut(&child) {
+                let count = links.of(node);
+                *count = count.saturating_sub(1);
             }
+            self.free_if_unused(child);
         }
     }
 
@@ -424,16 +443,7 @@ impl State {
         };
         let old = std::mem::replace(&mut dir.durable, dir.entries.clone());
         let new: Vec<u64> = dir.durable.values().copied().collect();
-        // Count the new links before dropping the old, so that a file named in both stays.
-        for child in new {
-            self.get_mut(child)?.durable_links += 1;
-        }
-        for child in old.into_values() {
-            if let Some(node) = self.inodes.get_mut(&child) {
-                node.durable_links = node.durable_links.saturating_sub(1);
-            }
-            self.free_if_unused(child);
-        }
+        self.relink(Links::Durable, old.into_values(), new);
         Ok(())
     }
 
@@ -453,17 +463,7 @@ impl State {
         }
         let old = std::mem::replace(&mut dir.entries, dir.durable.clone());
         let new: Vec<u64> = dir.entries.values().copied().collect();
-        for child in new {
-            if let Some(node) = self.inodes.get_mut(&child) {
-                node.nlink += 1;
-            }
-        }
-        for child in old.into_values() {
-            if let Some(node) = self.inodes.get_mut(&child) {
-                node.nlink = node.nlink.saturating_sub(1);
-            }
-            self.free_if_unused(child);
-        }
+        self.relink(Links::Current, old.into_values(), new);
         self.touch(ino);
         changed
     }
