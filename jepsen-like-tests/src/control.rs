@@ -14,6 +14,7 @@ use strata_client::{Client, ClientBuilder};
 use strata_cluster::launcher::{ClusterSpec, LocalCluster, NodeEntry, NODE_LOG};
 
 use crate::lossy_fs::{LossyFs, Lost};
+use crate::slow_net::{Delay, SlowNet};
 
 /// How long a node may take to stop after SIGTERM (it hands its leaderships over and drains its
 /// calls first) before the stop counts as failed.
@@ -43,6 +44,8 @@ pub struct Cluster {
     down: BTreeSet<u64>,
     /// Partition rules are in place.
     partitioned: bool,
+    /// The proxy that delays links between nodes, when the run has slow links.
+    slow_net: Option<SlowNet>,
     /// The in-memory file system holding the nodes' data, for power losses. Declared after
     /// `nodes` so that it is unmounted only once every node process is gone.
     lossy: Option<LossyFs>,
@@ -51,7 +54,9 @@ pub struct Cluster {
 impl Cluster {
     /// Starts `nodes` nodes with `shards` shards under `dir`, from `node_bin`, and waits until
     /// every group has a leader. With `lossy`, `dir` is first mounted as a [`LossyFs`], so that
-    /// [`Cluster::power_loss`] can drop what the nodes wrote without fsync.
+    /// [`Cluster::power_loss`] can drop what the nodes wrote without fsync. With `slow`, every
+    /// connection between nodes runs through a [`SlowNet`] proxy, so that [`Cluster::slow`] can
+    /// delay links (needs the harness' network namespace).
     pub async fn start(
         dir: &Path,
         node_bin: &Path,
@@ -59,10 +64,25 @@ impl Cluster {
         shards: u32,
         extra_args: &[String],
         lossy: bool,
+        slow: bool,
     ) -> anyhow::Result<Cluster> {
         let lossy = if lossy {
             std::fs::create_dir_all(dir)?;
             Some(LossyFs::mount(dir)?)
+        } else {
+            None
+        };
+        // Before the nodes start, so that every connection between them goes through it.
+        let slow_net = if slow {
+            anyhow::ensure!(
+                crate::net::in_private_netns(),
+                "slow links need the harness inside its private network namespace"
+            );
+            Some(
+                SlowNet::start()
+                    .await
+                    .context("start the slow-network proxy")?,
+            )
         } else {
             None
         };
@@ -91,6 +111,7 @@ impl Cluster {
             paused: BTreeSet::new(),
             down: BTreeSet::new(),
             partitioned: false,
+            slow_net,
             lossy,
         })
     }
@@ -212,10 +233,36 @@ impl Cluster {
             .join(" "))
     }
 
-    /// Restarts nodes that are down, resumes paused ones, removes partitions.
+    /// Whether links between nodes can be slowed ([`Cluster::slow`]).
+    pub fn on_slow_net(&self) -> bool {
+        self.slow_net.is_some()
+    }
+
+    /// Delays the links `(from, to, delay)` between nodes. Returns a description.
+    pub fn slow(&mut self, links: &[(u64, u64, Delay)]) -> anyhow::Result<String> {
+        let net = self
+            .slow_net
+            .as_ref()
+            .context("slow links need the cluster started with its slow-network proxy")?;
+        let mut described = Vec::new();
+        for (from, to, delay) in links {
+            let ips = self.ips(&[*from, *to]);
+            let [a, b] = ips.as_slice() else {
+                anyhow::bail!("node {from} or {to} has no address");
+            };
+            net.set(a.parse()?, b.parse()?, *delay);
+            described.push(format!("{from}->{to} {delay}"));
+        }
+        Ok(described.join(", "))
+    }
+
+    /// Restarts nodes that are down, resumes paused ones, removes partitions and delays.
     pub fn heal(&mut self) -> anyhow::Result<()> {
         if std::mem::take(&mut self.partitioned) {
             crate::net::heal()?;
+        }
+        if let Some(net) = &self.slow_net {
+            net.clear();
         }
         for id in std::mem::take(&mut self.paused) {
             self.nodes.signal(id, Signal::SIGCONT)?;

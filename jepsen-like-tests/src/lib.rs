@@ -5,11 +5,13 @@
 //! - [`control`]: start the cluster, SIGKILL / SIGTERM / restart / SIGSTOP / SIGCONT nodes,
 //!   leaders.
 //! - [`net`]: the private network namespace and iptables partitions.
+//! - [`slow_net`]: a delaying TCP proxy on every link between nodes, for slow networks.
 //! - [`lossy_fs`]: an in-memory FUSE file system that drops un-fsynced writes at a power loss.
 //! - [`history`]: the JSON-lines history (`invoke` / `ok` / `fail` / `info` / nemesis events).
 //! - [`workload`]: register (read / write / CAS) and set (unique adds) workers.
 //! - [`nemesis`]: seeded fault schedules — kill, pause, membership, leader bounce, graceful
-//!   restart, whole-cluster crash and power loss, mixed, and request duplication.
+//!   restart, whole-cluster crash and power loss, partitions, slow links, mixed, and request
+//!   duplication.
 //! - [`checker`]: per-key linearizability (Wing & Gong with memoization) and the set check.
 //! - [`runner`]: one scenario end to end: traffic + faults, heal, liveness, convergence, check.
 //! - [`report`]: the readable report of a run.
@@ -25,5 +27,6 @@ pub mod nemesis;
 pub mod net;
 pub mod report;
 pub mod runner;
+pub mod slow_net;
 pub mod suite;
 pub mod workload;

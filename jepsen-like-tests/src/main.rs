@@ -80,6 +80,10 @@ struct RunArgs {
     /// cuts power; implied by `--nemesis power-loss`.
     #[arg(long)]
     lossy_fs: bool,
+    /// Run every connection between nodes through the harness' delaying proxy (needs a network
+    /// namespace), so that `mixed` also slows links; implied by `--nemesis latency`.
+    #[arg(long)]
+    slow_net: bool,
 }
 
 fn node_bin(given: Option<PathBuf>) -> anyhow::Result<PathBuf> {
@@ -112,6 +116,7 @@ async fn main_async(cli: Cli) -> anyhow::Result<bool> {
                 planted_bug: a.planted_bug,
                 pinned_reads: a.pinned_reads,
                 lossy_fs: a.lossy_fs,
+                slow_net: a.slow_net,
                 budget: DEFAULT_BUDGET,
             };
             let r = runner::run(opts).await?;
@@ -138,10 +143,16 @@ async fn main_async(cli: Cli) -> anyhow::Result<bool> {
     }
 }
 
-/// Whether the command needs network partitions.
+/// Whether the command needs the private network namespace (partitions, slow links).
 fn wants_partitions(cmd: &Cmd) -> bool {
     match cmd {
-        Cmd::Run(a) => matches!(a.nemesis, Nemesis::Partition | Nemesis::Mixed),
+        Cmd::Run(a) => {
+            a.slow_net
+                || matches!(
+                    a.nemesis,
+                    Nemesis::Partition | Nemesis::Latency | Nemesis::Mixed
+                )
+        }
         Cmd::Ci { .. } => true,
         Cmd::Check { .. } => false,
     }
@@ -156,9 +167,11 @@ fn main() {
         match net::availability() {
             Ok(()) => {
                 let err = net::reexec_in_netns();
-                eprintln!("strata-jepsen: {err:#}; partitions are skipped");
+                eprintln!("strata-jepsen: {err:#}; partitions and slow links are skipped");
             }
-            Err(why) => eprintln!("strata-jepsen: partitions cannot run here: {why}"),
+            Err(why) => eprintln!(
+                "strata-jepsen: network faults (partitions, slow links) cannot run here: {why}"
+            ),
         }
     }
     let rt = tokio::runtime::Builder::new_multi_thread()

@@ -20,12 +20,16 @@
 //! - `power-loss`: the same, and every write the nodes had not fsynced is dropped (the cluster
 //!   runs on [`crate::lossy_fs`]): every acknowledged write must have been fsynced;
 //! - `mixed`: any of kill, pause, membership, bounce, restart, transfer, snapshot, crash (and
-//!   power loss with `--lossy-fs`, partition where it can run), chosen per cycle.
+//!   power loss with `--lossy-fs`, partition where it can run, latency with `--slow-net`), chosen
+//!   per cycle.
 //!
 //! - `partition`: cut links between nodes (see [`crate::net`]): isolate one node, isolate a shard
 //!   leader, majority / minority, random packet loss, and with 5 nodes the majorities ring and the
 //!   bridge; needs the
-//!   harness inside its private network namespace (`strata-jepsen` re-executes itself there).
+//!   harness inside its private network namespace (`strata-jepsen` re-executes itself there);
+//! - `latency`: slow links between nodes (see [`crate::slow_net`]): every link of one node (half
+//!   the time a shard leader) both ways, longer than an election timeout or not; one direction of
+//!   one link; or every link with jitter, as between distant sites. Same namespace.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -41,6 +45,7 @@ use strata_proto::v1::{PutRequest, RequestId};
 use crate::control::Cluster;
 use crate::history::{Event, Kind, Recorder, F};
 use crate::lossy_fs::Lost;
+use crate::slow_net::Delay;
 use crate::workload::write_error_kind;
 
 /// Which faults to inject.
@@ -74,8 +79,12 @@ pub enum Nemesis {
     PowerLoss,
     /// Network partitions (needs a private network namespace and iptables).
     Partition,
+    /// Slow links between nodes (needs a private network namespace and iptables: every
+    /// connection between nodes runs through the harness' delaying proxy).
+    Latency,
     /// One of kill, pause, membership, bounce, restart, transfer, snapshot, crash (and power loss
-    /// on the lossy file system, partition where it can run) per cycle.
+    /// on the lossy file system, partition where it can run, latency with the delaying proxy)
+    /// per cycle.
     Mixed,
 }
 
@@ -104,7 +113,17 @@ fn event(f: F, name: &str, targets: String) -> Event {
     e
 }
 
-/// Runs `nemesis` until `stop`, then heals everything. Returns the faults injected.
+/// What a nemesis run did.
+#[derive(Debug, Default)]
+pub struct Outcome {
+    /// Faults injected.
+    pub faults: usize,
+    /// Faults the cluster had to serve through and did not (slow links that stopped every
+    /// write, say). Empty when it served through all of them.
+    pub stalls: Vec<String>,
+}
+
+/// Runs `nemesis` until `stop`, then heals everything.
 pub async fn run(
     nemesis: Nemesis,
     cluster: &mut Cluster,
@@ -113,14 +132,18 @@ pub async fn run(
     seed: u64,
     timing: Timing,
     stop: Arc<AtomicBool>,
-) -> anyhow::Result<usize> {
-    if nemesis == Nemesis::Partition && !crate::net::in_private_netns() {
+) -> anyhow::Result<Outcome> {
+    if matches!(nemesis, Nemesis::Partition | Nemesis::Latency) && !crate::net::in_private_netns() {
         anyhow::bail!(
-            "the partition nemesis needs the harness inside its private network namespace"
+            "the {nemesis:?} nemesis needs the harness inside its private network namespace"
         );
+    }
+    if nemesis == Nemesis::Latency && !cluster.on_slow_net() {
+        anyhow::bail!("the latency nemesis needs the cluster started with its delaying proxy");
     }
     let mut rng = StdRng::seed_from_u64(seed ^ 0x6e656d65);
     let mut faults = 0;
+    let mut stalls = Vec::new();
     let sleep = |d: Duration, stop: &Arc<AtomicBool>| {
         let stop = stop.clone();
         async move {
@@ -154,6 +177,9 @@ pub async fn run(
                 }
                 if crate::net::in_private_netns() {
                     kinds.push(Nemesis::Partition);
+                }
+                if cluster.on_slow_net() {
+                    kinds.push(Nemesis::Latency);
                 }
                 kinds[rng.random_range(0..kinds.len())]
             }
@@ -299,6 +325,32 @@ pub async fn run(
                 cluster.heal()?;
                 recorder.record(event(F::Stop, &name, String::new()));
             }
+            Nemesis::Latency => {
+                let members = members(client).await;
+                let plan = latency_plan(cluster, client, &members, &mut rng, shard).await;
+                let slowed = cluster.slow(&plan.links)?;
+                recorder.record(event(F::Start, &plan.name, slowed));
+                let served = if plan.must_serve {
+                    Some(probe_writes(client, timing.hold, &stop).await)
+                } else {
+                    sleep(timing.hold, &stop).await;
+                    None
+                };
+                cluster.heal()?;
+                let outcome = match served {
+                    Some(Probes { served, full_hold }) => {
+                        if served == 0 && full_hold {
+                            stalls.push(format!(
+                                "{}: no write served in {:?} while every link was slowed ({})",
+                                plan.name, timing.hold, plan.links[0].2
+                            ));
+                        }
+                        format!("{served} probe writes served while slowed")
+                    }
+                    None => String::new(),
+                };
+                recorder.record(event(F::Stop, &plan.name, outcome));
+            }
             Nemesis::Membership => {
                 // A membership change refused or timed out under other faults is recorded, not
                 // fatal: safety is what the run checks.
@@ -311,7 +363,36 @@ pub async fn run(
         faults += 1;
     }
     cluster.heal()?;
-    Ok(faults)
+    Ok(Outcome { faults, stalls })
+}
+
+/// What [`probe_writes`] saw.
+struct Probes {
+    /// Writes acknowledged within the hold.
+    served: usize,
+    /// The hold ran its whole length (the run did not stop during it).
+    full_hold: bool,
+}
+
+/// Writes probe keys one after the other for `hold`, counting those acknowledged in time. The
+/// keys are outside the workload's, and the writes are not part of the history.
+async fn probe_writes(client: &Client, hold: Duration, stop: &AtomicBool) -> Probes {
+    let until = tokio::time::Instant::now() + hold;
+    let mut served = 0;
+    let mut n = 0u64;
+    while tokio::time::Instant::now() < until && !stop.load(Ordering::Relaxed) {
+        n += 1;
+        let put = client.put(format!("nemesis-probe:{n}"), "probe");
+        match tokio::time::timeout_at(until, put).await {
+            Ok(Ok(_)) => served += 1,
+            Ok(Err(_)) => tokio::time::sleep(Duration::from_millis(50)).await,
+            Err(_) => break,
+        }
+    }
+    Probes {
+        served,
+        full_hold: !stop.load(Ordering::Relaxed),
+    }
 }
 
 /// A connectivity graph over node positions (in the members' order) and its name.
@@ -409,6 +490,93 @@ async fn partition_plan(
                     a == bridge || b == bridge || left.contains(&a) == left.contains(&b)
                 }),
             )
+        }
+    }
+}
+
+/// Links to slow down, how much, and what the cluster owes meanwhile.
+struct SlowPlan {
+    name: String,
+    links: Vec<(u64, u64, Delay)>,
+    /// Every round trip stays below an election timeout: the cluster must keep taking writes,
+    /// only slower.
+    must_serve: bool,
+}
+
+/// Chooses links among `ids` to slow down and how much. Elections in chaos runs time out after
+/// 0.5–1 s (see [`crate::control::FAST_RAFT`]), heartbeats go every 50 ms: a delay around the
+/// election timeout makes followers give up on a leader that is still alive, a delay of a few
+/// heartbeats must not.
+async fn latency_plan(
+    cluster: &Cluster,
+    client: &Client,
+    ids: &[u64],
+    rng: &mut StdRng,
+    shard: u64,
+) -> SlowPlan {
+    let ms = |lo: u64, hi: u64, rng: &mut StdRng| Duration::from_millis(rng.random_range(lo..hi));
+    let random_node = |rng: &mut StdRng| ids[rng.random_range(0..ids.len())];
+    match rng.random_range(0..4) {
+        choice @ (0 | 1) => {
+            // Every link of one node, both ways.
+            let leader = if choice == 1 {
+                cluster.leader_of(client, shard).await
+            } else {
+                None
+            };
+            let victim = leader.unwrap_or_else(|| random_node(rng));
+            let delay = Delay {
+                base: ms(200, 1500, rng),
+                jitter: ms(0, 300, rng),
+            };
+            let name = match leader {
+                Some(l) => format!("slow-leader (node {l}, shard {shard})"),
+                None => format!("slow-node {victim}"),
+            };
+            let links = ids
+                .iter()
+                .filter(|o| **o != victim)
+                .flat_map(|o| [(victim, *o, delay), (*o, victim, delay)])
+                .collect();
+            SlowPlan {
+                name,
+                links,
+                must_serve: false,
+            }
+        }
+        2 => {
+            // One direction only: what one side sends arrives late, what it hears does not.
+            let from = random_node(rng);
+            let others: Vec<u64> = ids.iter().copied().filter(|o| *o != from).collect();
+            let to = others[rng.random_range(0..others.len())];
+            let delay = Delay {
+                base: ms(500, 2000, rng),
+                jitter: Duration::ZERO,
+            };
+            SlowPlan {
+                name: format!("slow-one-way {from}->{to}"),
+                links: vec![(from, to, delay)],
+                must_serve: false,
+            }
+        }
+        _ => {
+            // Every link, with jitter as large as the delay, as between distant sites: at most
+            // 200 ms each way, so a round trip stays below the 500 ms election timeout.
+            let base = ms(20, 100, rng);
+            let delay = Delay { base, jitter: base };
+            let links = ids
+                .iter()
+                .flat_map(|a| {
+                    ids.iter()
+                        .filter(move |b| *b != a)
+                        .map(move |b| (*a, *b, delay))
+                })
+                .collect();
+            SlowPlan {
+                name: "slow-all".to_string(),
+                links,
+                must_serve: true,
+            }
         }
     }
 }

@@ -1,7 +1,8 @@
 //! Network faults: the cluster runs inside a private network namespace (`unshare -n`) where node
 //! *i* owns the loopback address `127.0.0.(10+i)` for both its listeners and its outgoing peer
 //! connections; a partition is a set of iptables `DROP` rules between exact node addresses. The
-//! harness' own client traffic comes from `127.0.0.1` and is never cut.
+//! harness' own client traffic comes from `127.0.0.1` and is never cut. Slow links use the same
+//! namespace (see [`crate::slow_net`]).
 //!
 //! Where namespaces or iptables are missing, [`availability`] says why and the partition nemesis
 //! is skipped loudly; nothing is installed silently (`./dev.sh test` installs iptables with
@@ -78,54 +79,52 @@ pub fn partition(
 
 /// Drops a random share (`percent`) of the packets between every two node addresses.
 pub fn lossy(ips: &[String], percent: u32) -> anyhow::Result<()> {
+    let probability = format!("{:.2}", f64::from(percent) / 100.0);
     for a in ips {
         for b in ips.iter().filter(|b| *b != a) {
-            own_namespace()?;
-            let p = format!("{:.2}", f64::from(percent) / 100.0);
-            let out = Command::new("iptables")
-                .args(["-A", "INPUT", "-s", a, "-d", b, "-m", "statistic"])
-                .args(["--mode", "random", "--probability", &p, "-j", "DROP"])
-                .output()?;
-            anyhow::ensure!(
-                out.status.success(),
-                "iptables: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+            iptables(&[
+                "-A",
+                "INPUT",
+                "-s",
+                a,
+                "-d",
+                b,
+                "-m",
+                "statistic",
+                "--mode",
+                "random",
+                "--probability",
+                &probability,
+                "-j",
+                "DROP",
+            ])?;
         }
     }
     Ok(())
 }
 
 fn drop_between(from: &str, to: &str) -> anyhow::Result<()> {
-    own_namespace()?;
-    let out = Command::new("iptables")
-        .args(["-A", "INPUT", "-s", from, "-d", to, "-j", "DROP"])
-        .output()?;
-    anyhow::ensure!(
-        out.status.success(),
-        "iptables: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(())
+    iptables(&["-A", "INPUT", "-s", from, "-d", to, "-j", "DROP"])
 }
 
 /// Removes every partition rule.
 pub fn heal() -> anyhow::Result<()> {
-    own_namespace()?;
-    let out = Command::new("iptables").args(["-F", "INPUT"]).output()?;
-    anyhow::ensure!(
-        out.status.success(),
-        "iptables -F: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(())
+    iptables(&["-F", "INPUT"])
 }
 
-/// Firewall rules are only ever changed inside the harness' own namespace, never the host's.
-fn own_namespace() -> anyhow::Result<()> {
+/// Runs `iptables` with `args`. Firewall rules are only ever changed inside the harness' own
+/// namespace, never the host's.
+pub(crate) fn iptables(args: &[&str]) -> anyhow::Result<()> {
     anyhow::ensure!(
         in_private_netns(),
         "refusing to change iptables outside the harness' private network namespace"
+    );
+    let out = Command::new("iptables").args(args).output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "iptables {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr).trim()
     );
     Ok(())
 }

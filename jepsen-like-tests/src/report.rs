@@ -48,6 +48,12 @@ pub fn render(result: &RunResult, events: &[Event]) -> String {
         },
         result.diverged
     );
+    for stall in &result.stalls {
+        let _ = writeln!(
+            out,
+            "stalled under a fault it should serve through: {stall}"
+        );
+    }
     if let Some(s) = &c.set {
         let _ = writeln!(
             out,

@@ -53,6 +53,9 @@ pub struct RunOptions {
     pub pinned_reads: bool,
     /// Run the cluster on the lossy file system (always so for the power-loss nemesis).
     pub lossy_fs: bool,
+    /// Run every connection between nodes through the delaying proxy (always so for the latency
+    /// nemesis).
+    pub slow_net: bool,
     /// Search budget per key.
     pub budget: u64,
 }
@@ -66,6 +69,9 @@ pub struct RunResult {
     pub faults: usize,
     /// Every shard took a write after healing.
     pub live: bool,
+    /// Faults the cluster should have served through and did not (see
+    /// [`crate::nemesis::Outcome::stalls`]).
+    pub stalls: Vec<String>,
     /// Shards whose replicas disagree after healing (empty = converged).
     pub diverged: Vec<u64>,
     /// The history check.
@@ -93,6 +99,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<RunResult> {
         std::env::remove_var("STRATA_PLANTED_BUG");
     }
     let lossy = opts.lossy_fs || opts.nemesis == Nemesis::PowerLoss;
+    let slow = opts.slow_net || opts.nemesis == Nemesis::Latency;
     let mut cluster = Cluster::start(
         &cluster_dir,
         &opts.node_bin,
@@ -100,6 +107,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<RunResult> {
         opts.shards,
         &[],
         lossy,
+        slow,
     )
     .await
     .context("start cluster")?;
@@ -152,7 +160,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<RunResult> {
     let _ = timer.await;
     let _ = workers.await;
     cluster.heal()?;
-    let faults = faults?;
+    let nemesis::Outcome { faults, stalls } = faults?;
     cluster
         .nodes
         .wait_ready(Duration::from_secs(60))
@@ -166,11 +174,12 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<RunResult> {
     let diverged = convergence(&client, Duration::from_secs(30)).await;
     let events = recorder.finish()?;
     let checks = checker::check(&events, opts.budget);
-    let valid = checks.valid && live && diverged.is_empty();
+    let valid = checks.valid && live && stalls.is_empty() && diverged.is_empty();
     let result = RunResult {
         options: opts.clone(),
         faults,
         live,
+        stalls,
         diverged,
         checks,
         valid,

@@ -48,6 +48,7 @@ pub fn ci_matrix() -> Vec<Scenario> {
             Nemesis::Partition,
             20,
         ),
+        s("register-latency", Workload::Register, Nemesis::Latency, 20),
         s(
             "register-membership",
             Workload::Register,
@@ -127,6 +128,16 @@ pub fn ci_matrix() -> Vec<Scenario> {
             ..s("planted-skip-fsync", Workload::Set, Nemesis::PowerLoss, 15)
         },
         Scenario {
+            planted_bug: Some("short-append-timeout"),
+            expect_valid: false,
+            ..s(
+                "planted-short-append-timeout",
+                Workload::Register,
+                Nemesis::Latency,
+                20,
+            )
+        },
+        Scenario {
             planted_bug: Some("skip-dir-fsync"),
             expect_valid: false,
             ..s(
@@ -150,11 +161,11 @@ pub async fn run_ci(
     let partitions = crate::net::in_private_netns();
     let power_loss = crate::lossy_fs::availability();
     for sc in ci_matrix() {
-        if sc.nemesis == Nemesis::Partition && !partitions {
+        if matches!(sc.nemesis, Nemesis::Partition | Nemesis::Latency) && !partitions {
             let why = crate::net::availability()
                 .err()
                 .unwrap_or_else(|| "the harness is not in its network namespace".into());
-            println!("SKIP {:<24} partitions cannot run here: {why}", sc.name);
+            println!("SKIP {:<24} network faults cannot run here: {why}", sc.name);
             continue;
         }
         if let (Nemesis::PowerLoss, Err(why)) = (sc.nemesis, &power_loss) {
@@ -187,6 +198,7 @@ pub async fn run_ci(
             planted_bug: sc.planted_bug.map(String::from),
             pinned_reads: sc.pinned_reads,
             lossy_fs: false,
+            slow_net: false,
             budget: DEFAULT_BUDGET,
         };
         let started = std::time::Instant::now();

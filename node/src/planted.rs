@@ -24,6 +24,11 @@ pub enum Bug {
     /// or deletes (its database's directory among them) are not durable. Only a power loss that
     /// also drops directory entries (the lossy file system) finds it.
     SkipDirFsync,
+    /// `short-append-timeout`: an AppendEntries waits for its answer only as long as openraft
+    /// asks — one heartbeat interval — so a round trip slower than a heartbeat fails every
+    /// append and replication stops while the network is slow. Only the latency nemesis' slow
+    /// links find it (as a stall, not as lost data).
+    ShortAppendTimeout,
 }
 
 #[cfg(feature = "planted-bugs")]
@@ -35,6 +40,7 @@ impl Bug {
             Bug::AckBeforeFsync => "ack-before-fsync",
             Bug::SkipFsync => "skip-fsync",
             Bug::SkipDirFsync => "skip-dir-fsync",
+            Bug::ShortAppendTimeout => "short-append-timeout",
         }
     }
 }

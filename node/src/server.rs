@@ -67,6 +67,7 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> anyh
             bind_ip,
             PEER_MESSAGE_BYTES,
             config.snapshot_send_bytes_per_sec,
+            config.raft.election_min,
         ),
         raft_timings: config.raft.clone(),
         snapshot_dir,

@@ -58,6 +58,8 @@ struct PoolInner {
     max_message: usize,
     /// The budget of outgoing snapshot bytes, shared by every snapshot this node sends.
     snapshot_pace: SnapshotPace,
+    /// How long an AppendEntries waits for its answer (see [`PeerPool::new`]).
+    append_timeout: Duration,
 }
 
 /// Which peer RPC to call.
@@ -71,11 +73,18 @@ enum Rpc {
 impl PeerPool {
     /// A pool knowing `nodes`; connections bind to `bind_ip` when given; snapshots are sent at
     /// most at `snapshot_bytes_per_sec` in all (0: unlimited).
+    ///
+    /// An AppendEntries waits up to `append_timeout` for its answer — at least as long as
+    /// openraft asks. openraft asks for one heartbeat interval, so a round trip plus the
+    /// follower's fsync longer than that (a slow link, a disk stalling for 100 ms) failed every
+    /// append, and replication stopped until the delay went away. An answer is worth waiting for
+    /// as long as the follower would wait for the leader: the election timeout.
     pub fn new(
         nodes: &[NodeSpec],
         bind_ip: Option<IpAddr>,
         max_message: usize,
         snapshot_bytes_per_sec: u64,
+        append_timeout: Duration,
     ) -> PeerPool {
         let addrs = nodes.iter().map(|n| (n.id, n.peer_addr.clone())).collect();
         PeerPool {
@@ -86,6 +95,7 @@ impl PeerPool {
                 bind_ip,
                 max_message,
                 snapshot_pace: SnapshotPace::new(snapshot_bytes_per_sec),
+                append_timeout,
             }),
         }
     }
@@ -153,6 +163,14 @@ impl PeerPool {
         links.get(&target).is_some_and(PeerLink::is_down)
     }
 
+    /// How long an AppendEntries asked with `option` waits for its answer.
+    fn append_timeout(&self, option: &RPCOption) -> Duration {
+        if crate::planted::active(crate::planted::Bug::ShortAppendTimeout) {
+            return option.hard_ttl();
+        }
+        option.hard_ttl().max(self.inner.append_timeout)
+    }
+
     /// The pooled client of node `target`, for the placement driver's calls.
     pub fn peer(&self, target: u64) -> Result<RaftClient<Channel>, String> {
         self.client(target).map_err(|e| e.to_string())
@@ -210,7 +228,7 @@ impl GroupRouter<TypeConfig, GroupId> for PeerPool {
     ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
         let answer = self
             .link(target)?
-            .call(group_id, encode(&rpc).into(), option.hard_ttl())
+            .call(group_id, encode(&rpc).into(), self.append_timeout(&option))
             .await
             .map_err(|e| {
                 RPCError::Unreachable(Unreachable::from_string(format!(
