@@ -8,7 +8,7 @@ use strata_jepsen::checker::DEFAULT_BUDGET;
 use strata_jepsen::nemesis::Nemesis;
 use strata_jepsen::net;
 use strata_jepsen::runner::{self, RunOptions};
-use strata_jepsen::workload::Workload;
+use strata_jepsen::workload::{ReadLevel, Workload};
 
 #[derive(Parser)]
 #[command(name = "strata-jepsen", about = "Jepsen-style chaos testing of Strata")]
@@ -76,6 +76,9 @@ struct RunArgs {
     /// Send reads straight to random nodes.
     #[arg(long)]
     pinned_reads: bool,
+    /// Consistency of the register workload's reads (both are checked for linearizability).
+    #[arg(long, value_enum, default_value = "linearizable")]
+    reads: ReadLevel,
     /// Run the cluster on the in-memory lossy file system (needs FUSE), so that `mixed` also
     /// cuts power; implied by `--nemesis power-loss`.
     #[arg(long)]
@@ -115,6 +118,7 @@ async fn main_async(cli: Cli) -> anyhow::Result<bool> {
                 node_bin: node_bin(a.node_bin)?,
                 planted_bug: a.planted_bug,
                 pinned_reads: a.pinned_reads,
+                reads: a.reads,
                 lossy_fs: a.lossy_fs,
                 slow_net: a.slow_net,
                 budget: DEFAULT_BUDGET,

@@ -5,6 +5,7 @@ use std::fmt::Write;
 
 use crate::history::{Event, Kind};
 use crate::runner::RunResult;
+use crate::workload::ReadLevel;
 
 /// Operations shown per failing key.
 const MAX_LINES_PER_KEY: usize = 200;
@@ -18,8 +19,13 @@ pub fn render(result: &RunResult, events: &[Event]) -> String {
     let o = &result.options;
     let _ = writeln!(
         out,
-        "strata-jepsen: workload {:?}, nemesis {:?}, {} nodes, {} s, seed {}{}",
+        "strata-jepsen: workload {:?}{}, nemesis {:?}, {} nodes, {} s, seed {}{}",
         o.workload,
+        if o.reads == ReadLevel::Lease {
+            " (lease reads)"
+        } else {
+            ""
+        },
         o.nemesis,
         o.nodes,
         o.time_limit.as_secs(),

@@ -22,7 +22,7 @@ use crate::control::Cluster;
 use crate::history::{Event, Kind, Recorder, F};
 use crate::nemesis::{self, Nemesis, Timing};
 use crate::report;
-use crate::workload::{self, Settings, Workload};
+use crate::workload::{self, ReadLevel, Settings, Workload};
 
 /// Everything a run needs.
 #[derive(Clone, Debug, Serialize)]
@@ -51,6 +51,8 @@ pub struct RunOptions {
     pub planted_bug: Option<String>,
     /// Send reads straight to random nodes.
     pub pinned_reads: bool,
+    /// The consistency of the register workload's reads.
+    pub reads: ReadLevel,
     /// Run the cluster on the lossy file system (always so for the power-loss nemesis).
     pub lossy_fs: bool,
     /// Run every connection between nodes through the delaying proxy (always so for the latency
@@ -121,6 +123,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<RunResult> {
         keys: 8,
         ops_per_key: 150,
         pinned_reads: opts.pinned_reads,
+        reads: opts.reads,
         node_addrs: cluster
             .ids()
             .into_iter()

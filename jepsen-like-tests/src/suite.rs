@@ -8,7 +8,7 @@ use std::time::Duration;
 use crate::checker::DEFAULT_BUDGET;
 use crate::nemesis::Nemesis;
 use crate::runner::{self, RunOptions};
-use crate::workload::Workload;
+use crate::workload::{ReadLevel, Workload};
 
 /// One scenario of the matrix.
 pub struct Scenario {
@@ -24,6 +24,8 @@ pub struct Scenario {
     pub planted_bug: Option<&'static str>,
     /// Reads straight to random nodes.
     pub pinned_reads: bool,
+    /// The consistency of reads.
+    pub reads: ReadLevel,
     /// Whether a correct Strata passes it (planted-bug scenarios must fail).
     pub expect_valid: bool,
 }
@@ -37,6 +39,7 @@ pub fn ci_matrix() -> Vec<Scenario> {
         secs,
         planted_bug: None,
         pinned_reads: false,
+        reads: ReadLevel::Linearizable,
         expect_valid: true,
     };
     vec![
@@ -89,6 +92,15 @@ pub fn ci_matrix() -> Vec<Scenario> {
                 Workload::Register,
                 Nemesis::Pause,
                 12,
+            )
+        },
+        Scenario {
+            reads: ReadLevel::Lease,
+            ..s(
+                "register-lease-reads",
+                Workload::Register,
+                Nemesis::Latency,
+                20,
             )
         },
         Scenario {
@@ -165,12 +177,12 @@ pub async fn run_ci(
             let why = crate::net::availability()
                 .err()
                 .unwrap_or_else(|| "the harness is not in its network namespace".into());
-            println!("SKIP {:<24} network faults cannot run here: {why}", sc.name);
+            println!("SKIP {:<28} network faults cannot run here: {why}", sc.name);
             continue;
         }
         if let (Nemesis::PowerLoss, Err(why)) = (sc.nemesis, &power_loss) {
             println!(
-                "SKIP {:<24} power losses cannot run here (FUSE): {why}",
+                "SKIP {:<28} power losses cannot run here (FUSE): {why}",
                 sc.name
             );
             continue;
@@ -197,6 +209,7 @@ pub async fn run_ci(
             node_bin: bin,
             planted_bug: sc.planted_bug.map(String::from),
             pinned_reads: sc.pinned_reads,
+            reads: sc.reads,
             lossy_fs: false,
             slow_net: false,
             budget: DEFAULT_BUDGET,
@@ -211,7 +224,7 @@ pub async fn run_ci(
             Ok((valid, ok, faults)) if valid == sc.expect_valid => {
                 passed += 1;
                 println!(
-                    "ok   {:<24} {} as expected ({ok} ok ops, {faults} faults, {secs} s)",
+                    "ok   {:<28} {} as expected ({ok} ok ops, {faults} faults, {secs} s)",
                     sc.name,
                     if valid { "valid" } else { "violation found" }
                 );
@@ -219,7 +232,7 @@ pub async fn run_ci(
             Ok((valid, _, _)) => {
                 failed += 1;
                 println!(
-                    "FAIL {:<24} {} (expected {}); see {}",
+                    "FAIL {:<28} {} (expected {}); see {}",
                     sc.name,
                     if valid { "valid" } else { "INVALID" },
                     if sc.expect_valid {
@@ -232,7 +245,7 @@ pub async fn run_ci(
             }
             Err(e) => {
                 failed += 1;
-                println!("FAIL {:<24} run error: {e}", sc.name);
+                println!("FAIL {:<28} run error: {e}", sc.name);
             }
         }
     }

@@ -36,6 +36,28 @@ pub enum Workload {
     Set,
 }
 
+/// The consistency level of the register workload's reads.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReadLevel {
+    /// ReadIndex: the leader confirms its leadership with a quorum round before each batch of
+    /// reads.
+    #[default]
+    Linearizable,
+    /// openraft's lease read: no quorum round while the leader's lease holds. The checker holds
+    /// these reads to linearizability too.
+    Lease,
+}
+
+impl ReadLevel {
+    fn consistency(self) -> Consistency {
+        match self {
+            ReadLevel::Linearizable => Consistency::Linearizable,
+            ReadLevel::Lease => Consistency::Lease,
+        }
+    }
+}
+
 /// Settings shared by the workers.
 #[derive(Clone)]
 pub struct Settings {
@@ -53,6 +75,8 @@ pub struct Settings {
     /// routing (a node that does not lead answers `NotLeader`, recorded as `fail`). Exposes nodes
     /// that serve reads they must not.
     pub pinned_reads: bool,
+    /// The consistency of reads (register).
+    pub reads: ReadLevel,
     /// Client addresses of the nodes, for pinned reads.
     pub node_addrs: Vec<(u64, String)>,
     /// Seed of the workers' choices.
@@ -191,9 +215,9 @@ async fn read(
     e.node = pinned.as_ref().map(|(id, _)| id.to_string());
     let e = recorder.record(e);
     let result = match &pinned {
-        Some((_, addr)) => pinned_get(addr, key).await,
+        Some((_, addr)) => pinned_get(addr, key, settings.reads.consistency()).await,
         None => client
-            .get(key.to_string())
+            .get_with(key.to_string(), settings.reads.consistency())
             .await
             .map(|r| r.map(|r| (String::from_utf8_lossy(&r.value).to_string(), r.version)))
             .map_err(|e| e.to_string()),
@@ -214,14 +238,18 @@ async fn read(
     }
 }
 
-/// A linearizable get sent to one node, no retries.
-async fn pinned_get(addr: &str, key: &str) -> Result<Option<(String, u64)>, String> {
+/// A get sent to one node, no retries.
+async fn pinned_get(
+    addr: &str,
+    key: &str,
+    consistency: Consistency,
+) -> Result<Option<(String, u64)>, String> {
     let mut kv = KvClient::connect(format!("http://{addr}"))
         .await
         .map_err(|e| e.to_string())?;
     let mut req = tonic::Request::new(GetRequest {
         key: Bytes::from(key.to_string()),
-        consistency: Consistency::Linearizable as i32,
+        consistency: consistency as i32,
     });
     req.set_timeout(Duration::from_secs(1));
     let r = kv
