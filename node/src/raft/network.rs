@@ -78,7 +78,8 @@ impl PeerPool {
     /// openraft asks. openraft asks for one heartbeat interval, so a round trip plus the
     /// follower's fsync longer than that (a slow link, a disk stalling for 100 ms) failed every
     /// append, and replication stopped until the delay went away. An answer is worth waiting for
-    /// as long as the follower would wait for the leader: the election timeout.
+    /// as long as the follower would wait for the leader: the minimum election timeout, which is
+    /// also what openraft gives a vote request.
     pub fn new(
         nodes: &[NodeSpec],
         bind_ip: Option<IpAddr>,
