@@ -148,15 +148,9 @@ async fn main_async(cli: Cli) -> anyhow::Result<bool> {
 }
 
 /// Whether the command needs the private network namespace (partitions, slow links).
-fn wants_partitions(cmd: &Cmd) -> bool {
+fn wants_netns(cmd: &Cmd) -> bool {
     match cmd {
-        Cmd::Run(a) => {
-            a.slow_net
-                || matches!(
-                    a.nemesis,
-                    Nemesis::Partition | Nemesis::Latency | Nemesis::Mixed
-                )
-        }
+        Cmd::Run(a) => a.slow_net || a.nemesis.needs_netns() || a.nemesis == Nemesis::Mixed,
         Cmd::Ci { .. } => true,
         Cmd::Check { .. } => false,
     }
@@ -167,7 +161,7 @@ fn main() {
     // Partitions need the whole run (cluster and harness) inside a private network namespace:
     // re-execute there when the machine allows it; otherwise carry on, and partition scenarios
     // are skipped loudly (or refused, for `run --nemesis partition`).
-    if wants_partitions(&cli.cmd) && !net::in_private_netns() {
+    if wants_netns(&cli.cmd) && !net::in_private_netns() {
         match net::availability() {
             Ok(()) => {
                 let err = net::reexec_in_netns();

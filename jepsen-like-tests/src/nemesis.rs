@@ -88,6 +88,14 @@ pub enum Nemesis {
     Mixed,
 }
 
+impl Nemesis {
+    /// Whether it works on the network between nodes, and so needs the harness inside its
+    /// private network namespace (see [`crate::net`]).
+    pub fn needs_netns(self) -> bool {
+        matches!(self, Nemesis::Partition | Nemesis::Latency)
+    }
+}
+
 /// Timing of a nemesis cycle.
 #[derive(Clone, Copy, Debug)]
 pub struct Timing {
@@ -133,7 +141,7 @@ pub async fn run(
     timing: Timing,
     stop: Arc<AtomicBool>,
 ) -> anyhow::Result<Outcome> {
-    if matches!(nemesis, Nemesis::Partition | Nemesis::Latency) && !crate::net::in_private_netns() {
+    if nemesis.needs_netns() && !crate::net::in_private_netns() {
         anyhow::bail!(
             "the {nemesis:?} nemesis needs the harness inside its private network namespace"
         );
@@ -327,21 +335,24 @@ pub async fn run(
             }
             Nemesis::Latency => {
                 let members = members(client).await;
-                let mut plan = latency_plan(cluster, client, &members, &mut rng, shard).await;
+                let plan = latency_plan(cluster, client, &members, &mut rng, shard).await;
                 // The stall check is fair only if the cluster served writes before the links
                 // slowed down: after a crash in `mixed`, say, it may still be electing leaders.
-                let unchecked = plan.must_serve && !serving(client).await;
-                plan.must_serve &= !unchecked;
+                let served_before = if plan.must_serve {
+                    Some(serving(client).await)
+                } else {
+                    None
+                };
                 let slowed = cluster.slow(&plan.links)?;
                 recorder.record(event(F::Start, &plan.name, slowed));
-                let served = if plan.must_serve {
+                let probes = if served_before == Some(true) {
                     Some(probe_writes(client, timing.hold, &stop).await)
                 } else {
                     sleep(timing.hold, &stop).await;
                     None
                 };
                 cluster.heal()?;
-                let outcome = match served {
+                let outcome = match probes {
                     Some(Probes { served, full_hold }) => {
                         if served == 0 && full_hold {
                             stalls.push(format!(
@@ -351,9 +362,9 @@ pub async fn run(
                         }
                         format!("{served} probe writes served while slowed")
                     }
-                    None if unchecked => {
-                        "not checked for stalls: no write served in the 5 s before".to_string()
-                    }
+                    None if served_before == Some(false) => format!(
+                        "not checked for stalls: no write served in the {BASELINE_WAIT:?} before"
+                    ),
                     None => String::new(),
                 };
                 recorder.record(event(F::Stop, &plan.name, outcome));
@@ -373,13 +384,13 @@ pub async fn run(
     Ok(Outcome { faults, stalls })
 }
 
-/// Whether the cluster acknowledges a probe write within 5 s.
+/// How long [`serving`] waits for a probe write.
+const BASELINE_WAIT: Duration = Duration::from_secs(5);
+
+/// Whether the cluster acknowledges a probe write within [`BASELINE_WAIT`].
 async fn serving(client: &Client) -> bool {
     let put = client.put("nemesis-probe:before", "probe");
-    matches!(
-        tokio::time::timeout(Duration::from_secs(5), put).await,
-        Ok(Ok(_))
-    )
+    matches!(tokio::time::timeout(BASELINE_WAIT, put).await, Ok(Ok(_)))
 }
 
 /// What [`probe_writes`] saw.

@@ -170,10 +170,10 @@ pub async fn run_ci(
     seed: u64,
 ) -> (usize, usize) {
     let (mut passed, mut failed) = (0, 0);
-    let partitions = crate::net::in_private_netns();
+    let in_netns = crate::net::in_private_netns();
     let power_loss = crate::lossy_fs::availability();
     for sc in ci_matrix() {
-        if matches!(sc.nemesis, Nemesis::Partition | Nemesis::Latency) && !partitions {
+        if sc.nemesis.needs_netns() && !in_netns {
             let why = crate::net::availability()
                 .err()
                 .unwrap_or_else(|| "the harness is not in its network namespace".into());
