@@ -68,6 +68,19 @@ impl NodeEntry {
     }
 }
 
+/// A node process that exited when it should have been running (it could not open its data
+/// directory, say).
+#[derive(Debug, thiserror::Error)]
+#[error("node {id} exited ({status}): {log_tail}")]
+pub struct NodeExited {
+    /// The node.
+    pub id: u64,
+    /// How its process ended.
+    pub status: std::process::ExitStatus,
+    /// The last lines of its log, and where the log is.
+    pub log_tail: String,
+}
+
 /// The content of `cluster.json`.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 pub struct ClusterFile {
@@ -490,7 +503,7 @@ impl LocalCluster {
     }
 
     /// Waits until every shard and the meta group have a leader known to a running node. Fails
-    /// at once, with the end of its log, if a node started by this launcher exits meanwhile.
+    /// at once with a [`NodeExited`] if a node started by this launcher exits meanwhile.
     pub async fn wait_ready(&mut self, timeout: Duration) -> anyhow::Result<()> {
         let until = Instant::now() + timeout;
         let mut last = String::from("no node answered");
@@ -498,10 +511,12 @@ impl LocalCluster {
         let mut client: Option<Client> = None;
         while Instant::now() < until {
             if let Some((id, status)) = self.exited_nodes().into_iter().next() {
-                bail!(
-                    "node {id} exited during start-up ({status}): {}",
-                    self.log_tail(id, 3)
-                );
+                return Err(NodeExited {
+                    id,
+                    status,
+                    log_tail: self.log_tail(id, 3),
+                }
+                .into());
             }
             if client.is_none() {
                 match strata_client::ClientBuilder::new(self.endpoints())

@@ -11,9 +11,9 @@ use std::time::Duration;
 use anyhow::Context;
 use nix::sys::signal::Signal;
 use strata_client::{Client, ClientBuilder};
-use strata_cluster::launcher::{ClusterSpec, LocalCluster, NodeEntry, NODE_LOG};
+use strata_cluster::launcher::{ClusterSpec, LocalCluster, NodeEntry, NodeExited, NODE_LOG};
 
-use crate::lossy_fs::{LossyFs, Lost};
+use crate::lossy_fs::{LossyFs, Lost, Unsynced};
 use crate::slow_net::{Delay, SlowNet};
 
 /// How long a node may take to stop after SIGTERM (it hands its leaderships over and drains its
@@ -163,22 +163,60 @@ impl Cluster {
         self.lossy.is_some()
     }
 
-    /// SIGKILLs node `id` and drops every write and directory change in its data directory that
-    /// was not fsynced, as a power cut of its machine would (its log file is kept, for the
-    /// report). Needs a cluster started with `lossy`.
-    pub fn power_loss(&mut self, id: u64) -> anyhow::Result<Lost> {
-        if self.lossy.is_none() {
-            anyhow::bail!("power loss needs the cluster on the lossy file system");
+    /// Holds every fsync the nodes ask for from now on, unanswered, until the next
+    /// [`power_loss`](Self::power_loss) (see [`LossyFs::hold_syncs`]). Returns once `count`
+    /// fsyncs are held, or after `timeout` (an idle cluster asks for none).
+    pub async fn hold_syncs(&self, count: usize, timeout: Duration) -> anyhow::Result<()> {
+        let fs = self.lossy_fs()?;
+        fs.hold_syncs();
+        let until = tokio::time::Instant::now() + timeout;
+        while fs.held_syncs() < count && tokio::time::Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        self.kill(id)?;
-        let fs = self.lossy.as_ref().expect("checked above");
-        let data_dir = self
-            .entry(id)
-            .map(|n| n.data_dir.clone())
-            .with_context(|| format!("node {id} is not in the cluster file"))?;
-        // The lossy file system is mounted at the cluster directory; it names paths below it.
-        let node_dir = data_dir.strip_prefix(self.nodes.dir())?;
-        fs.power_loss(node_dir, &[Path::new(NODE_LOG)])
+        Ok(())
+    }
+
+    /// Cuts the power of nodes `ids` at once: SIGKILLs them, then drops every directory change
+    /// in their data directories that was not fsynced, and all or (`Unsynced::Torn`) part of
+    /// their unsynced writes, as a power cut of their machines would (their log files are kept,
+    /// for the report). Fsyncs held by [`hold_syncs`](Self::hold_syncs) are never carried out;
+    /// fsyncs are answered at once again afterwards. Needs a cluster started with `lossy`.
+    pub fn power_loss(&mut self, ids: &[u64], unsynced: Unsynced) -> anyhow::Result<Lost> {
+        self.lossy_fs()?;
+        let cut = (|| {
+            // Signal them all before any held fsync fails, so no node lives to see that failure.
+            for id in ids {
+                self.nodes.signal(*id, Signal::SIGKILL)?;
+            }
+            let mut lost = Lost {
+                held_syncs: self.lossy_fs()?.fail_held_syncs(),
+                ..Lost::default()
+            };
+            for id in ids {
+                // Reaped first: a dying node may still have a write in flight.
+                self.kill(*id)?;
+                let data_dir = self
+                    .entry(*id)
+                    .map(|n| n.data_dir.clone())
+                    .with_context(|| format!("node {id} is not in the cluster file"))?;
+                // The lossy file system is mounted at the cluster directory; it names paths
+                // below it.
+                let node_dir = data_dir.strip_prefix(self.nodes.dir())?;
+                lost += self
+                    .lossy_fs()?
+                    .power_loss(node_dir, &[Path::new(NODE_LOG)], unsynced)?;
+            }
+            Ok(lost)
+        })();
+        // Only if the cut failed half-way can fsyncs still be held.
+        self.lossy_fs()?.answer_held_syncs();
+        cut
+    }
+
+    fn lossy_fs(&self) -> anyhow::Result<&LossyFs> {
+        self.lossy
+            .as_ref()
+            .context("power loss needs the cluster on the lossy file system")
     }
 
     /// Stops node `id` as an operator would before a restart: SIGTERM, and it must exit on its own
@@ -254,6 +292,49 @@ impl Cluster {
             described.push(format!("{from}->{to} {delay}"));
         }
         Ok(described.join(", "))
+    }
+
+    /// Nodes whose process exited on its own since the last call: it panicked, or a restart
+    /// could not open its data. One line each, with the exit status and the end of the node's
+    /// log. They count as down from now on, so the next [`heal`](Self::heal) restarts them.
+    pub fn exited_on_their_own(&mut self) -> Vec<String> {
+        let exited = self.nodes.exited_nodes();
+        exited
+            .into_iter()
+            .map(|(id, status)| {
+                self.mark_down(id);
+                NodeExited {
+                    id,
+                    status,
+                    log_tail: self.nodes.log_tail(id, 3),
+                }
+                .to_string()
+            })
+            .collect()
+    }
+
+    /// Waits until every shard has a leader again after the last heal. A node that exits
+    /// meanwhile is not an error of the run but a finding: it is counted down, the others must
+    /// still get ready, and it is returned like [`exited_on_their_own`](Self::exited_on_their_own).
+    pub async fn wait_recovered(&mut self, timeout: Duration) -> anyhow::Result<Vec<String>> {
+        let mut exits = Vec::new();
+        loop {
+            match self.nodes.wait_ready(timeout).await {
+                Ok(()) => return Ok(exits),
+                Err(e) => match e.downcast::<NodeExited>() {
+                    Ok(exit) => {
+                        self.mark_down(exit.id);
+                        exits.push(exit.to_string());
+                    }
+                    Err(e) => return Err(e.context("cluster did not recover after healing")),
+                },
+            }
+        }
+    }
+
+    fn mark_down(&mut self, id: u64) {
+        self.paused.remove(&id);
+        self.down.insert(id);
     }
 
     /// Restarts nodes that are down, resumes paused ones, removes partitions and delays.

@@ -13,7 +13,15 @@
 //! - a power loss puts every directory below a given one back to its durable entries (a file
 //!   created since comes out missing, a file deleted or renamed away comes back), then every file
 //!   still named there back to its durable content (cut back, overwritten pages restored, unsynced
-//!   growth gone).
+//!   growth gone);
+//! - or, for a [`Unsynced::Torn`] power loss, back to its durable content plus a random part of
+//!   what it was written since: each 512-byte sector written since the last fsync reached the
+//!   disk or not, on its own, and a file whose length changed has its old or its new length. A
+//!   write can survive in part, a later write without an earlier one, and a file that grew can
+//!   keep its new length with zeros where its sectors never arrived: the crash states of a disk
+//!   that writes back dirty data in any order (ALICE's and CrashMonkey's, at sector
+//!   granularity). Directory entries are still reverted whole, since journaled metadata does not
+//!   tear.
 //!
 //! Files are opened with direct I/O and attributes are never cached by the kernel, so after a
 //! power loss the next reader sees exactly the durable content. Everything lives in the memory
@@ -25,6 +33,9 @@ use std::path::{Component, Path};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
 use fuser::{
     BackgroundSession, Config, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags,
     Generation, INodeNo, MountOption, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
@@ -34,6 +45,10 @@ use fuser::{
 
 /// Dirty data is tracked in pages of this size, so an `fsync` copies only what changed.
 const PAGE: usize = 4096;
+
+/// What a disk writes atomically: a torn power loss keeps or loses each unsynced sector of a
+/// page on its own, so a write can end in the middle of a page.
+const SECTOR: usize = 512;
 
 /// The kernel must ask again every time: sizes and contents change under it at a power loss.
 const NO_CACHE: Duration = Duration::ZERO;
@@ -72,8 +87,14 @@ impl LossyFs {
     /// fsynced, as a power cut would: directory entries first, then file data. The files named
     /// in `spared` (paths relative to `dir`) are kept whole, as if they were on another disk: a
     /// node's log, for the report. The processes using those files must be dead already.
+    /// `unsynced` says whether every unsynced write is lost or a random part of them survives.
     /// Returns what was lost.
-    pub fn power_loss(&self, dir: &Path, spared: &[&Path]) -> anyhow::Result<Lost> {
+    pub fn power_loss(
+        &self,
+        dir: &Path,
+        spared: &[&Path],
+        unsynced: Unsynced,
+    ) -> anyhow::Result<Lost> {
         let mut state = self.state.lock().expect("lossy fs poisoned");
         let root = state.resolve(ROOT, dir)?;
         for path in spared {
@@ -83,8 +104,77 @@ impl LossyFs {
             let parent = state.resolve(root, parent)?;
             state.make_durable(parent, name)?;
         }
-        Ok(state.revert_below(root))
+        let mut tear = match unsynced {
+            Unsynced::Dropped => None,
+            Unsynced::Torn { seed } => Some(StdRng::seed_from_u64(seed)),
+        };
+        Ok(state.revert_below(root, tear.as_mut()))
     }
+}
+
+impl LossyFs {
+    /// From now on `fsync` and `fsyncdir` wait unanswered (their callers blocked in the kernel)
+    /// until [`fail_held_syncs`](Self::fail_held_syncs) or
+    /// [`answer_held_syncs`](Self::answer_held_syncs). A power loss in between finds what an
+    /// fsync was about to make durable: the window in which every store has written but not
+    /// yet acknowledged. Whoever holds them must not fsync on this file system meanwhile.
+    pub fn hold_syncs(&self) {
+        let mut state = self.state.lock().expect("lossy fs poisoned");
+        if state.held.is_none() {
+            state.held = Some(Vec::new());
+        }
+    }
+
+    /// Fails every held fsync with an I/O error, making nothing durable, and answers fsyncs at
+    /// once again. For a power cut: call it once the processes waiting on them are SIGKILLed,
+    /// so that they can die (a process cannot exit while its FUSE request is unanswered) and
+    /// none sees the error. Returns how many were held.
+    pub fn fail_held_syncs(&self) -> usize {
+        let held = self.take_held();
+        let count = held.len();
+        for (_, reply) in held {
+            reply.error(Errno::EIO);
+        }
+        count
+    }
+
+    /// Carries out every held fsync, and answers fsyncs at once again.
+    pub fn answer_held_syncs(&self) {
+        let mut state = self.state.lock().expect("lossy fs poisoned");
+        for (ino, reply) in state.held.take().unwrap_or_default() {
+            match state.sync(ino) {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(e),
+            }
+        }
+    }
+
+    /// How many fsyncs are held now.
+    pub fn held_syncs(&self) -> usize {
+        let state = self.state.lock().expect("lossy fs poisoned");
+        state.held.as_ref().map_or(0, Vec::len)
+    }
+
+    fn take_held(&self) -> Vec<(u64, ReplyEmpty)> {
+        let mut state = self.state.lock().expect("lossy fs poisoned");
+        state.held.take().unwrap_or_default()
+    }
+}
+
+/// What of the unsynced writes a power loss leaves on disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unsynced {
+    /// None: every file goes back to what it held at its last fsync. The most that a missing
+    /// fsync can lose.
+    Dropped,
+    /// A random part, drawn from `seed`: each sector written since the file's last fsync reached
+    /// the disk or not, and a file whose length changed has its old or its new one. A store
+    /// must still recover from what is there: a torn tail, a hole with later data after it, or
+    /// zeros in a file that grew.
+    Torn {
+        /// Seeds the sector-by-sector choices, so that a run can be repeated.
+        seed: u64,
+    },
 }
 
 /// What a power loss dropped.
@@ -95,12 +185,19 @@ pub struct Lost {
     /// Directory entries that went back to what was there at the directory's last fsync (a
     /// name created since and gone, deleted since and back, or naming another file).
     pub entries: usize,
+    /// Sectors written since their file's last fsync that reached the disk anyway (a
+    /// [`Unsynced::Torn`] power loss; 0 otherwise).
+    pub kept_sectors: usize,
+    /// Fsyncs that were waiting, held, when the power went ([`LossyFs::hold_syncs`]).
+    pub held_syncs: usize,
 }
 
 impl std::ops::AddAssign for Lost {
     fn add_assign(&mut self, other: Lost) {
         self.files += other.files;
         self.entries += other.entries;
+        self.kept_sectors += other.kept_sectors;
+        self.held_syncs += other.held_syncs;
     }
 }
 
@@ -137,6 +234,9 @@ const ROOT: u64 = INodeNo::ROOT.0;
 struct State {
     inodes: HashMap<u64, Inode>,
     next_ino: u64,
+    /// Fsync requests held unanswered ([`LossyFs::hold_syncs`]): each one's inode and reply.
+    /// `None`: fsyncs are answered at once.
+    held: Option<Vec<(u64, ReplyEmpty)>>,
 }
 
 struct Inode {
@@ -246,10 +346,35 @@ impl Content {
         }
     }
 
-    /// Power loss: back to the durable content. Returns whether anything was lost.
-    fn revert(&mut self) -> bool {
-        let lost = !self.dirty.is_empty() || self.current.len() != self.durable.len();
-        self.current.clone_from(&self.durable);
+    /// Power loss: back to the durable content, plus, with `tear`, a random part of what was
+    /// written since (see [`Unsynced::Torn`]). Counts the file in [`Lost::files`] if it had
+    /// anything unsynced.
+    fn revert(&mut self, tear: Option<&mut StdRng>) -> Lost {
+        let resized = self.current.len() != self.durable.len();
+        if self.dirty.is_empty() && !resized {
+            return Lost::default();
+        }
+        let mut lost = Lost {
+            files: 1,
+            ..Lost::default()
+        };
+        let written = std::mem::replace(&mut self.current, self.durable.clone());
+        if let Some(rng) = tear {
+            if resized && rng.random_bool(0.5) {
+                // The new length reached the disk; sectors that did not read as zeros.
+                self.current.resize(written.len(), 0);
+            }
+            let len = written.len().min(self.current.len());
+            for &page in &self.dirty {
+                for start in (page * PAGE..(page + 1) * PAGE).step_by(SECTOR) {
+                    let end = (start + SECTOR).min(len);
+                    if start < end && rng.random_bool(0.5) {
+                        self.current[start..end].copy_from_slice(&written[start..end]);
+                        lost.kept_sectors += 1;
+                    }
+                }
+            }
+        }
         self.dirty.clear();
         lost
     }
@@ -262,6 +387,7 @@ impl State {
         State {
             inodes,
             next_ino: ROOT + 1,
+            held: None,
         }
     }
 
@@ -437,6 +563,31 @@ impl State {
     }
 
     /// `fsync` of directory `ino`: its current entries become durable.
+    /// `fsync` of a file or `fsyncdir` of a directory: what it holds becomes durable.
+    fn sync(&mut self, ino: u64) -> Result<(), Errno> {
+        match &mut self.get_mut(ino)?.body {
+            Body::File(content) => {
+                content.sync();
+                Ok(())
+            }
+            Body::Dir(_) => self.sync_dir(ino),
+        }
+    }
+
+    /// Answers an fsync request, or holds it ([`LossyFs::hold_syncs`]).
+    fn sync_request(&mut self, ino: u64, reply: ReplyEmpty) {
+        if let Err(e) = self.get(ino) {
+            return reply.error(e);
+        }
+        match &mut self.held {
+            Some(held) => held.push((ino, reply)),
+            None => match self.sync(ino) {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(e),
+            },
+        }
+    }
+
     fn sync_dir(&mut self, ino: u64) -> Result<(), Errno> {
         let Body::Dir(dir) = &mut self.get_mut(ino)?.body else {
             return Err(Errno::ENOTDIR);
@@ -475,15 +626,16 @@ impl State {
     }
 
     /// Reverts directory `ino` and everything it durably names, top down: each directory's
-    /// entries first, so that only what survives them is visited.
-    fn revert_below(&mut self, ino: u64) -> Lost {
+    /// entries first, so that only what survives them is visited. With `tear`, files keep a
+    /// random part of their unsynced writes.
+    fn revert_below(&mut self, ino: u64, mut tear: Option<&mut StdRng>) -> Lost {
         let mut lost = Lost::default();
         let mut stack = vec![ino];
         while let Some(ino) = stack.pop() {
             lost.entries += self.revert_dir(ino);
             match self.inodes.get_mut(&ino).map(|n| &mut n.body) {
                 Some(Body::Dir(dir)) => stack.extend(dir.entries.values().copied()),
-                Some(Body::File(content)) => lost.files += usize::from(content.revert()),
+                Some(Body::File(content)) => lost += content.revert(tear.as_deref_mut()),
                 None => {}
             }
         }
@@ -823,13 +975,7 @@ impl Filesystem for Shared {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        match self.lock().file_mut(ino.0) {
-            Ok(content) => {
-                content.sync();
-                reply.ok();
-            }
-            Err(e) => reply.error(e),
-        }
+        self.lock().sync_request(ino.0, reply);
     }
 
     fn readdir(
@@ -869,10 +1015,7 @@ impl Filesystem for Shared {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        match self.lock().sync_dir(ino.0) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        self.lock().sync_request(ino.0, reply);
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
@@ -939,9 +1082,9 @@ mod tests {
         c.write(5, b" world");
         c.write(0, b"J");
         assert_eq!(c.current, b"Jello world");
-        assert!(c.revert());
+        assert_eq!(c.revert(None).files, 1);
         assert_eq!(c.current, b"hello");
-        assert!(!c.revert(), "nothing left to lose");
+        assert_eq!(c.revert(None), Lost::default(), "nothing left to lose");
     }
 
     #[test]
@@ -952,7 +1095,7 @@ mod tests {
         c.write(PAGE + 10, &[9u8; PAGE]);
         c.set_len(PAGE / 2);
         c.set_len(3 * PAGE);
-        c.revert();
+        c.revert(None);
         assert_eq!(c.current, vec![1u8; 3 * PAGE]);
     }
 
@@ -965,11 +1108,68 @@ mod tests {
         c.set_len(PAGE + 1);
         c.sync();
         c.write(0, b"lost");
-        c.revert();
+        c.revert(None);
         let mut want = vec![1u8; PAGE + 1];
         want[PAGE - 1] = 7;
         want[PAGE] = 7;
         assert_eq!(c.current, want);
+    }
+
+    /// Every sector of a torn file is its durable or its written content, and over many seeds
+    /// each sector and the length come out both ways.
+    #[test]
+    fn a_torn_power_loss_keeps_each_unsynced_sector_or_not_and_the_old_or_new_length() {
+        let synced = vec![1u8; 2 * PAGE];
+        let (mut some_kept, mut some_lost, mut grew, mut zeros) = (false, false, false, false);
+        let mut torn_in_a_page = false;
+        for seed in 0..64 {
+            let mut c = Content::default();
+            c.write(0, &synced);
+            c.sync();
+            // Overwrite the second page, then grow the file by two pages.
+            c.write(PAGE, &vec![2u8; PAGE]);
+            c.write(2 * PAGE, &vec![3u8; 2 * PAGE]);
+            let written = c.current.clone();
+            let lost = c.revert(Some(&mut StdRng::seed_from_u64(seed)));
+            assert_eq!(lost.files, 1);
+            let len = c.current.len();
+            assert!(len == synced.len() || len == written.len(), "length {len}");
+            grew |= len == written.len();
+            assert_eq!(
+                c.current[..PAGE],
+                synced[..PAGE],
+                "an unwritten page never changes"
+            );
+            let mut kept = 0;
+            for sector in PAGE / SECTOR..len / SECTOR {
+                let range = sector * SECTOR..(sector + 1) * SECTOR;
+                let got = &c.current[range.clone()];
+                if got == &written[range.clone()] {
+                    kept += 1;
+                    some_kept = true;
+                } else {
+                    let old = synced.get(range).unwrap_or(&[0u8; SECTOR][..]);
+                    assert_eq!(got, old, "sector {sector}");
+                    some_lost = true;
+                    zeros |= sector >= synced.len() / SECTOR;
+                }
+            }
+            assert_eq!(kept, lost.kept_sectors, "seed {seed}");
+            let second_page = &c.current[PAGE..2 * PAGE];
+            torn_in_a_page |= second_page.contains(&1) && second_page.contains(&2);
+            assert!(c.dirty.is_empty());
+        }
+        assert!(some_kept && some_lost && grew && zeros && torn_in_a_page);
+    }
+
+    #[test]
+    fn a_torn_power_loss_of_a_synced_file_changes_nothing() {
+        let mut c = Content::default();
+        c.write(0, b"all synced");
+        c.sync();
+        let lost = c.revert(Some(&mut StdRng::seed_from_u64(7)));
+        assert_eq!(lost, Lost::default());
+        assert_eq!(c.current, b"all synced");
     }
 }
 
@@ -1006,12 +1206,14 @@ mod dir_tests {
             .unwrap();
         assert!(state.inodes.contains_key(&old), "durably named: kept");
 
-        let lost = state.revert_below(ROOT);
+        let lost = state.revert_below(ROOT, None);
         assert_eq!(
             lost,
             Lost {
                 files: 0,
-                entries: 1
+                entries: 1,
+                kept_sectors: 0,
+                held_syncs: 0
             }
         );
         assert_eq!(names(&state, ROOT), [("CURRENT".to_string(), old)]);
@@ -1025,7 +1227,7 @@ mod dir_tests {
             .unwrap();
         state.sync_dir(ROOT).unwrap();
         assert!(!state.inodes.contains_key(&old), "replaced durably: freed");
-        assert_eq!(state.revert_below(ROOT), Lost::default());
+        assert_eq!(state.revert_below(ROOT, None), Lost::default());
     }
 
     #[test]
@@ -1036,7 +1238,7 @@ mod dir_tests {
             .unwrap();
         let inside = file(&mut state, dir, "f", b"x");
         state.sync_dir(dir).unwrap();
-        assert_eq!(state.revert_below(ROOT).entries, 1);
+        assert_eq!(state.revert_below(ROOT, None).entries, 1);
         assert!(!state.inodes.contains_key(&dir));
         assert!(!state.inodes.contains_key(&inside));
         assert_eq!(state.inodes.len(), 1, "only the root is left");
@@ -1096,12 +1298,16 @@ mod mount_tests {
         std::fs::write(&log, b"log line").unwrap();
         drop((wal, f, lost));
 
-        let got = fs.power_loss(Path::new("node-1/db"), &[]).unwrap();
+        let got = fs
+            .power_loss(Path::new("node-1/db"), &[], Unsynced::Dropped)
+            .unwrap();
         assert_eq!(
             got,
             Lost {
                 files: 2,
-                entries: 3
+                entries: 3,
+                kept_sectors: 0,
+                held_syncs: 0
             }
         );
         let mut names: Vec<_> = std::fs::read_dir(&db)
@@ -1119,17 +1325,81 @@ mod mount_tests {
             b"log line",
             "outside the directory"
         );
-        assert!(fs.power_loss(Path::new("node-1/nope"), &[]).is_err());
+        assert!(fs
+            .power_loss(Path::new("node-1/nope"), &[], Unsynced::Dropped)
+            .is_err());
 
         // The whole node directory: `db` was never named durably in it, so it goes; the spared
         // log stays whole.
         std::fs::write(&log, b"log line\nmore").unwrap();
         let got = fs
-            .power_loss(Path::new("node-1"), &[Path::new("node.log")])
+            .power_loss(
+                Path::new("node-1"),
+                &[Path::new("node.log")],
+                Unsynced::Dropped,
+            )
             .unwrap();
         assert_eq!(got.entries, 1, "db");
         assert!(!db.exists());
         assert_eq!(std::fs::read(&log).unwrap(), b"log line\nmore");
+        drop(fs);
+    }
+
+    #[test]
+    fn a_held_fsync_waits_until_it_is_failed_or_carried_out() {
+        if let Err(why) = availability() {
+            eprintln!("SKIPPED: FUSE cannot be mounted here: {why}");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let fs = LossyFs::mount(dir.path()).unwrap();
+        let path = dir.path().join("wal");
+        let mut wal = std::fs::File::create(&path).unwrap();
+        std::fs::File::open(dir.path()).unwrap().sync_all().unwrap();
+        wal.write_all(b"synced").unwrap();
+        wal.sync_data().unwrap();
+
+        // Starts an fsync of the file on another thread; its result arrives on the channel.
+        let fsync_in_background = |wal: &std::fs::File| {
+            let wal = wal.try_clone().unwrap();
+            let (tx, rx) = std::sync::mpsc::channel();
+            std::thread::spawn(move || tx.send(wal.sync_data().map_err(|e| e.raw_os_error())));
+            rx
+        };
+        let wait = Duration::from_millis(200);
+
+        fs.hold_syncs();
+        wal.write_all(b"+in flight").unwrap();
+        let done = fsync_in_background(&wal);
+        assert!(done.recv_timeout(wait).is_err(), "held: not answered");
+        assert_eq!(fs.fail_held_syncs(), 1);
+        let failed = done.recv_timeout(Duration::from_secs(5)).unwrap();
+        assert_eq!(failed, Err(Some(nix::errno::Errno::EIO as i32)));
+        fs.power_loss(Path::new(""), &[], Unsynced::Dropped)
+            .unwrap();
+        assert_eq!(
+            std::fs::read(&path).unwrap(),
+            b"synced",
+            "nothing made durable"
+        );
+
+        fs.hold_syncs();
+        let mut wal = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap();
+        wal.write_all(b"+later").unwrap();
+        let done = fsync_in_background(&wal);
+        assert!(done.recv_timeout(wait).is_err(), "held: not answered");
+        fs.answer_held_syncs();
+        assert_eq!(done.recv_timeout(Duration::from_secs(5)).unwrap(), Ok(()));
+        fs.power_loss(Path::new(""), &[], Unsynced::Dropped)
+            .unwrap();
+        assert_eq!(
+            std::fs::read(&path).unwrap(),
+            b"synced+later",
+            "carried out"
+        );
         drop(fs);
     }
 }

@@ -17,8 +17,11 @@
 //!   key is read — the duplicate must change nothing;
 //! - `crash`: SIGKILL every node at once (a whole-cluster crash) and restart them all at heal:
 //!   every acknowledged write must have reached the disk before it was acknowledged;
-//! - `power-loss`: the same, and every write the nodes had not fsynced is dropped (the cluster
-//!   runs on [`crate::lossy_fs`]): every acknowledged write must have been fsynced;
+//! - `power-loss`: the same, and what the nodes had not fsynced is lost (the cluster runs on
+//!   [`crate::lossy_fs`]): every acknowledged write must have been fsynced. The first power loss
+//!   of a run drops every unsynced write, the next cuts the power while fsyncs are in flight and
+//!   tears them (a random part of the unsynced sectors reaches the disk: torn tails, holes,
+//!   zeros), and so on, alternating; a node must recover from either;
 //! - `mixed`: any of kill, pause, membership, bounce, restart, transfer, snapshot, crash (and
 //!   power loss with `--lossy-fs`, partition where it can run, latency with `--slow-net`), chosen
 //!   per cycle.
@@ -44,7 +47,7 @@ use strata_proto::v1::{PutRequest, RequestId};
 
 use crate::control::Cluster;
 use crate::history::{Event, Kind, Recorder, F};
-use crate::lossy_fs::Lost;
+use crate::lossy_fs::{Lost, Unsynced};
 use crate::slow_net::Delay;
 use crate::workload::write_error_kind;
 
@@ -129,6 +132,9 @@ pub struct Outcome {
     /// Faults the cluster had to serve through and did not (slow links that stopped every
     /// write, say). Empty when it served through all of them.
     pub stalls: Vec<String>,
+    /// Node processes that exited when no fault stopped them: a panic, or a restart after a
+    /// crash or power loss that could not open its data. Empty when there were none.
+    pub exits: Vec<String>,
 }
 
 /// Runs `nemesis` until `stop`, then heals everything.
@@ -150,8 +156,13 @@ pub async fn run(
         anyhow::bail!("the latency nemesis needs the cluster started with its delaying proxy");
     }
     let mut rng = StdRng::seed_from_u64(seed ^ 0x6e656d65);
+    // Torn power losses draw from their own generator, so that a recorded seed makes the same
+    // fault choices as before they existed.
+    let mut tear_rng = StdRng::seed_from_u64(seed ^ 0x74656172);
+    let mut power_losses = 0u64;
     let mut faults = 0;
     let mut stalls = Vec::new();
+    let mut exits = Vec::new();
     let sleep = |d: Duration, stop: &Arc<AtomicBool>| {
         let stop = stop.clone();
         async move {
@@ -163,6 +174,8 @@ pub async fn run(
     };
     while !stop.load(Ordering::Relaxed) && nemesis != Nemesis::None {
         sleep(timing.quiet, &stop).await;
+        // Nodes restarted at the last heal have had the quiet time to open their data.
+        record_exits(cluster, recorder, &mut exits);
         if stop.load(Ordering::Relaxed) {
             break;
         }
@@ -256,21 +269,44 @@ pub async fn run(
                 let all = cluster.healthy();
                 let mut targets = all.iter().map(u64::to_string).collect::<Vec<_>>().join(",");
                 recorder.record(event(F::Start, name, targets.clone()));
+                // Alternating, first the most a missing fsync can lose.
+                let unsynced = if power && power_losses % 2 == 1 {
+                    Unsynced::Torn {
+                        seed: tear_rng.random(),
+                    }
+                } else {
+                    Unsynced::Dropped
+                };
+                power_losses += u64::from(power);
                 let mut lost = Lost::default();
-                for id in &all {
-                    if power {
-                        lost += cluster.power_loss(*id)?;
-                    } else {
+                if power {
+                    if let Unsynced::Torn { .. } = unsynced {
+                        // The cut lands while fsyncs are in flight (one per node, if they are
+                        // writing): what they were about to make durable is on the disk in part.
+                        cluster.hold_syncs(all.len(), SYNC_HOLD_LIMIT).await?;
+                    }
+                    lost = cluster.power_loss(&all, unsynced)?;
+                } else {
+                    for id in &all {
                         cluster.kill(*id)?;
                     }
                 }
                 sleep(timing.hold, &stop).await;
                 cluster.heal()?;
                 if power {
-                    targets += &format!(
-                        " ({} files lost unsynced writes, {} directory entries reverted)",
-                        lost.files, lost.entries
-                    );
+                    targets += &match unsynced {
+                        Unsynced::Dropped => format!(
+                            " ({} files lost their unsynced writes, {} directory entries \
+                             reverted)",
+                            lost.files, lost.entries
+                        ),
+                        Unsynced::Torn { seed } => format!(
+                            " (torn, seed {seed}, {} fsyncs in flight: {} files had unsynced \
+                             writes, {} of their unsynced sectors kept, {} directory entries \
+                             reverted)",
+                            lost.held_syncs, lost.files, lost.kept_sectors, lost.entries
+                        ),
+                    };
                 }
                 recorder.record(event(F::Stop, name, targets));
             }
@@ -380,9 +416,25 @@ pub async fn run(
         }
         faults += 1;
     }
+    record_exits(cluster, recorder, &mut exits);
     cluster.heal()?;
-    Ok(Outcome { faults, stalls })
+    Ok(Outcome {
+        faults,
+        stalls,
+        exits,
+    })
 }
+
+/// Adds the nodes that exited on their own to `exits`, each recorded in the history.
+fn record_exits(cluster: &mut Cluster, recorder: &Recorder, exits: &mut Vec<String>) {
+    for exit in cluster.exited_on_their_own() {
+        recorder.record(event(F::Stop, "node-exited", exit.clone()));
+        exits.push(exit);
+    }
+}
+
+/// How long a torn power loss waits for fsyncs to be in flight before it cuts anyway.
+const SYNC_HOLD_LIMIT: Duration = Duration::from_secs(2);
 
 /// How long [`serving`] waits for a probe write.
 const BASELINE_WAIT: Duration = Duration::from_secs(5);

@@ -54,6 +54,9 @@ pub fn render(result: &RunResult, events: &[Event]) -> String {
         },
         result.diverged
     );
+    for exit in &result.exits {
+        let _ = writeln!(out, "a node exited that no fault stopped: {exit}");
+    }
     for stall in &result.stalls {
         let _ = writeln!(
             out,

@@ -74,6 +74,9 @@ pub struct RunResult {
     /// Faults the cluster should have served through and did not (see
     /// [`crate::nemesis::Outcome::stalls`]).
     pub stalls: Vec<String>,
+    /// Nodes that exited when no fault stopped them (see
+    /// [`crate::nemesis::Outcome::exits`]).
+    pub exits: Vec<String>,
     /// Shards whose replicas disagree after healing (empty = converged).
     pub diverged: Vec<u64>,
     /// The history check.
@@ -163,12 +166,12 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<RunResult> {
     let _ = timer.await;
     let _ = workers.await;
     cluster.heal()?;
-    let nemesis::Outcome { faults, stalls } = faults?;
-    cluster
-        .nodes
-        .wait_ready(Duration::from_secs(60))
-        .await
-        .context("cluster did not recover after healing")?;
+    let nemesis::Outcome {
+        faults,
+        stalls,
+        mut exits,
+    } = faults?;
+    exits.extend(cluster.wait_recovered(Duration::from_secs(60)).await?);
 
     let live = liveness(&client).await;
     if opts.workload == Workload::Set {
@@ -177,12 +180,14 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<RunResult> {
     let diverged = convergence(&client, Duration::from_secs(30)).await;
     let events = recorder.finish()?;
     let checks = checker::check(&events, opts.budget);
-    let valid = checks.valid && live && stalls.is_empty() && diverged.is_empty();
+    let valid =
+        checks.valid && live && stalls.is_empty() && exits.is_empty() && diverged.is_empty();
     let result = RunResult {
         options: opts.clone(),
         faults,
         live,
         stalls,
+        exits,
         diverged,
         checks,
         valid,

@@ -79,6 +79,7 @@ pub fn ci_matrix() -> Vec<Scenario> {
             Nemesis::PowerLoss,
             20,
         ),
+        s("set-power-loss", Workload::Set, Nemesis::PowerLoss, 20),
         s(
             "register-duplicate",
             Workload::Register,

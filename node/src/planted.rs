@@ -29,6 +29,12 @@ pub enum Bug {
     /// append and replication stops while the network is slow. Only the latency nemesis' slow
     /// links find it (as a stall, not as lost data).
     ShortAppendTimeout,
+    /// `strict-wal-recovery`: the node opens its database with RocksDB's `AbsoluteConsistency`
+    /// WAL recovery, which takes an incomplete record at the end of the WAL for corruption. A
+    /// power cut while a WAL write is on its way to the disk leaves exactly that, so the node
+    /// cannot restart. Only a torn power loss (some unsynced sectors on the disk) finds it; a
+    /// loss of every unsynced write leaves a clean WAL end.
+    StrictWalRecovery,
 }
 
 #[cfg(feature = "planted-bugs")]
@@ -41,6 +47,7 @@ impl Bug {
             Bug::SkipFsync => "skip-fsync",
             Bug::SkipDirFsync => "skip-dir-fsync",
             Bug::ShortAppendTimeout => "short-append-timeout",
+            Bug::StrictWalRecovery => "strict-wal-recovery",
         }
     }
 }
