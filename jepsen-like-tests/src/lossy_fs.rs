@@ -203,7 +203,10 @@ impl std::ops::AddAssign for Lost {
 
 /// Whether a lossy file system can be mounted here; `Err` says why not.
 pub fn availability() -> Result<(), String> {
-    let dir = std::env::temp_dir().join(format!("strata-lossy-probe-{}", std::process::id()));
+    // One directory per probe: tests may probe from several threads at once.
+    static PROBES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = PROBES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("strata-lossy-probe-{}-{n}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| format!("create {dir:?}: {e}"))?;
     let probe = (|| {
         let fs = LossyFs::mount(&dir).map_err(|e| format!("{e:#}"))?;
@@ -1363,7 +1366,12 @@ mod mount_tests {
         let fsync_in_background = |wal: &std::fs::File| {
             let wal = wal.try_clone().unwrap();
             let (tx, rx) = std::sync::mpsc::channel();
-            std::thread::spawn(move || tx.send(wal.sync_data().map_err(|e| e.raw_os_error())));
+            std::thread::spawn(move || {
+                let result = wal.sync_data().map_err(|e| e.raw_os_error());
+                // Closed before the answer: the test unmounts once it has it.
+                drop(wal);
+                tx.send(result)
+            });
             rx
         };
         let wait = Duration::from_millis(200);
@@ -1383,6 +1391,7 @@ mod mount_tests {
             "nothing made durable"
         );
 
+        drop(wal);
         fs.hold_syncs();
         let mut wal = std::fs::OpenOptions::new()
             .append(true)
@@ -1400,6 +1409,8 @@ mod mount_tests {
             b"synced+later",
             "carried out"
         );
+        // Closed before the unmount, which fails while a file is open.
+        drop(wal);
         drop(fs);
     }
 }
