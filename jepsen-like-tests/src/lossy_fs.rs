@@ -130,7 +130,10 @@ impl LossyFs {
     /// so that they can die (a process cannot exit while its FUSE request is unanswered) and
     /// none sees the error. Returns how many were held.
     pub fn fail_held_syncs(&self) -> usize {
-        let held = self.take_held();
+        let held = {
+            let mut state = self.state.lock().expect("lossy fs poisoned");
+            state.held.take().unwrap_or_default()
+        };
         let count = held.len();
         for (_, reply) in held {
             reply.error(Errno::EIO);
@@ -153,11 +156,6 @@ impl LossyFs {
     pub fn held_syncs(&self) -> usize {
         let state = self.state.lock().expect("lossy fs poisoned");
         state.held.as_ref().map_or(0, Vec::len)
-    }
-
-    fn take_held(&self) -> Vec<(u64, ReplyEmpty)> {
-        let mut state = self.state.lock().expect("lossy fs poisoned");
-        state.held.take().unwrap_or_default()
     }
 }
 
@@ -1255,15 +1253,21 @@ mod mount_tests {
 
     use super::*;
 
-    #[test]
-    fn a_power_loss_drops_exactly_the_unsynced_writes_below_its_directory() {
+    /// A lossy file system mounted on a new temporary directory, or `None` (said loudly, like
+    /// the suite's SKIP lines) where this machine cannot mount FUSE.
+    fn mounted() -> Option<(tempfile::TempDir, LossyFs)> {
         if let Err(why) = availability() {
-            // Loud, like the suite's SKIP lines: this machine cannot mount FUSE.
             eprintln!("SKIPPED: FUSE cannot be mounted here: {why}");
-            return;
+            return None;
         }
         let dir = tempfile::tempdir().unwrap();
         let fs = LossyFs::mount(dir.path()).unwrap();
+        Some((dir, fs))
+    }
+
+    #[test]
+    fn a_power_loss_drops_exactly_the_unsynced_writes_below_its_directory() {
+        let Some((dir, fs)) = mounted() else { return };
         let db = dir.path().join("node-1/db");
         std::fs::create_dir_all(&db).unwrap();
 
@@ -1350,12 +1354,7 @@ mod mount_tests {
 
     #[test]
     fn a_held_fsync_waits_until_it_is_failed_or_carried_out() {
-        if let Err(why) = availability() {
-            eprintln!("SKIPPED: FUSE cannot be mounted here: {why}");
-            return;
-        }
-        let dir = tempfile::tempdir().unwrap();
-        let fs = LossyFs::mount(dir.path()).unwrap();
+        let Some((dir, fs)) = mounted() else { return };
         let path = dir.path().join("wal");
         let mut wal = std::fs::File::create(&path).unwrap();
         std::fs::File::open(dir.path()).unwrap().sync_all().unwrap();
