@@ -21,9 +21,9 @@ use bytes::Bytes;
 use strata_proto::v1 as pb;
 use tokio::sync::oneshot;
 
-use crate::client::BatchOp;
 use crate::error::Error;
 use crate::session::Ticket;
+use crate::BatchOp;
 
 /// Most puts in one batch (the server's default batch limit).
 const MAX_BATCH_OPS: usize = 128;

@@ -14,7 +14,10 @@
 //! - [`route`]: the cached shard map: key → shard → replicas, and the leader cache.
 //! - [`session`]: request ids — one client id per [`Client`], a sequence per write, and the
 //!   acknowledged floor that lets servers forget finished writes.
-//! - [`client`]: [`Client`], [`ClientBuilder`] and the operations, with retries within a deadline.
+//! - [`client`]: [`Client`], [`ClientBuilder`] and the operations, with retries within a deadline
+//!   (its submodules: the builder, the retry loop, the senders of coalesced calls, scans).
+//! - `types`: the values operations take and give back ([`Record`], [`ScanPage`],
+//!   [`ScanOptions`], [`CasOutcome`], [`BatchOp`]).
 //! - `coalesce`: concurrent puts to one shard share one atomic batch, and the batches for the
 //!   shards one node leads share one `MultiBatch` call; concurrent gets to one node share one
 //!   `MultiGet` call.
@@ -36,6 +39,7 @@ mod coalesce;
 pub mod error;
 pub mod route;
 pub mod session;
+mod types;
 
 pub use client::{
     BatchOp, CasOutcome, Client, ClientBuilder, Consistency, Record, ScanOptions, ScanPage,
