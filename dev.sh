@@ -46,12 +46,17 @@ build() {
 }
 
 # The chaos suite's partition scenarios cut links with iptables inside a private network
-# namespace (never the host's rules).
+# namespace (never the host's rules); its clock scenarios need libfaketime.
 ensure_chaos_deps() {
   ensure_build_deps
   if ! command -v iptables >/dev/null 2>&1; then
     echo "dev.sh: installing iptables with apt-get (for the chaos suite's partition scenarios)" >&2
     apt_install iptables
+  fi
+  # The clock scenarios run a node's clock at another rate with libfaketime (LD_PRELOAD).
+  if ! dpkg -s libfaketime >/dev/null 2>&1; then
+    echo "dev.sh: installing libfaketime with apt-get (for the chaos suite's clock scenarios)" >&2
+    apt_install libfaketime
   fi
 }
 

@@ -44,6 +44,8 @@ pub struct Cluster {
     down: BTreeSet<u64>,
     /// Partition rules are in place.
     partitioned: bool,
+    /// Nodes running with their clock at another rate ([`Cluster::skew_clock`]).
+    skewed: BTreeSet<u64>,
     /// The proxy that delays links between nodes, when the run has slow links.
     slow_net: Option<SlowNet>,
     /// The in-memory file system holding the nodes' data, for power losses. Declared after
@@ -111,6 +113,7 @@ impl Cluster {
             paused: BTreeSet::new(),
             down: BTreeSet::new(),
             partitioned: false,
+            skewed: BTreeSet::new(),
             slow_net,
             lossy,
         })
@@ -229,6 +232,19 @@ impl Cluster {
         Ok(())
     }
 
+    /// Restarts node `id` (stopped as an operator would) with its clock running at `rate` times
+    /// real time (see [`crate::clock`]); the next [`heal`](Self::heal) kills it and restarts it
+    /// with the true clock.
+    pub fn skew_clock(&mut self, id: u64, rate: f64) -> anyhow::Result<()> {
+        let env = crate::clock::env(rate)?;
+        self.stop(id)?;
+        self.nodes.set_node_env(id, env);
+        self.skewed.insert(id);
+        self.down.remove(&id);
+        self.nodes.start_node(id)?;
+        Ok(())
+    }
+
     /// SIGSTOPs node `id`.
     pub fn pause(&mut self, id: u64) -> anyhow::Result<()> {
         self.nodes.signal(id, Signal::SIGSTOP)?;
@@ -337,7 +353,8 @@ impl Cluster {
         self.down.insert(id);
     }
 
-    /// Restarts nodes that are down, resumes paused ones, removes partitions and delays.
+    /// Restarts nodes that are down, resumes paused ones, removes partitions and delays, and
+    /// restarts nodes whose clock was skewed with the true clock.
     pub fn heal(&mut self) -> anyhow::Result<()> {
         if std::mem::take(&mut self.partitioned) {
             crate::net::heal()?;
@@ -347,6 +364,13 @@ impl Cluster {
         }
         for id in std::mem::take(&mut self.paused) {
             self.nodes.signal(id, Signal::SIGCONT)?;
+        }
+        for id in std::mem::take(&mut self.skewed) {
+            self.nodes.set_node_env(id, Vec::new());
+            // Killed, not stopped: a slow clock stretches a graceful stop past `STOP_GRACE`.
+            if !self.down.contains(&id) {
+                self.kill(id)?;
+            }
         }
         for id in std::mem::take(&mut self.down) {
             self.nodes.start_node(id)?;

@@ -87,6 +87,9 @@ struct RunArgs {
     /// namespace), so that `mixed` also slows links; implied by `--nemesis latency`.
     #[arg(long)]
     slow_net: bool,
+    /// An extra flag for every node, e.g. `--node-arg=--lease-drift-percent=80` (repeatable).
+    #[arg(long = "node-arg", allow_hyphen_values = true)]
+    node_args: Vec<String>,
 }
 
 fn node_bin(given: Option<PathBuf>) -> anyhow::Result<PathBuf> {
@@ -122,6 +125,7 @@ async fn main_async(cli: Cli) -> anyhow::Result<bool> {
                 lossy_fs: a.lossy_fs,
                 slow_net: a.slow_net,
                 budget: DEFAULT_BUDGET,
+                node_args: a.node_args,
             };
             let r = runner::run(opts).await?;
             print!("{}", std::fs::read_to_string(a.out.join("report.txt"))?);
@@ -147,10 +151,15 @@ async fn main_async(cli: Cli) -> anyhow::Result<bool> {
     }
 }
 
-/// Whether the command needs the private network namespace (partitions, slow links).
+/// Whether the command needs the private network namespace (partitions, slow links), or can
+/// use it (`mixed`, and `clock`, which cuts off a node with a skewed clock half the time).
 fn wants_netns(cmd: &Cmd) -> bool {
     match cmd {
-        Cmd::Run(a) => a.slow_net || a.nemesis.needs_netns() || a.nemesis == Nemesis::Mixed,
+        Cmd::Run(a) => {
+            a.slow_net
+                || a.nemesis.needs_netns()
+                || matches!(a.nemesis, Nemesis::Mixed | Nemesis::Clock)
+        }
         Cmd::Ci { .. } => true,
         Cmd::Check { .. } => false,
     }

@@ -22,9 +22,15 @@
 //!   of a run drops every unsynced write, the next cuts the power while fsyncs are in flight and
 //!   tears them (a random part of the unsynced sectors reaches the disk: torn tails, holes,
 //!   zeros), and so on, alternating; a node must recover from either;
+//! - `clock`: restart a node (half the time a shard leader) with its clock running at 0.25, 0.5,
+//!   2 or 4 times real time (see [`crate::clock`]). A slow one is handed the leadership of its
+//!   shards and, where partitions can run, cut off from the other nodes (not from clients) for
+//!   the hold: a leader whose clock runs slow believes its lease lasts longer than its followers
+//!   wait before electing another. A fast one only runs fast (its timers fire early). At heal it
+//!   restarts with the true clock;
 //! - `mixed`: any of kill, pause, membership, bounce, restart, transfer, snapshot, crash (and
-//!   power loss with `--lossy-fs`, partition where it can run, latency with `--slow-net`), chosen
-//!   per cycle.
+//!   power loss with `--lossy-fs`, partition where it can run, latency with `--slow-net`, clock
+//!   where libfaketime is installed), chosen per cycle.
 //!
 //! - `partition`: cut links between nodes (see [`crate::net`]): isolate one node, isolate a shard
 //!   leader, majority / minority, random packet loss, and with 5 nodes the majorities ring and the
@@ -85,9 +91,13 @@ pub enum Nemesis {
     /// Slow links between nodes (needs a private network namespace and iptables: every
     /// connection between nodes runs through the harness' delaying proxy).
     Latency,
+    /// A node's clock runs slower or faster than its peers' (needs libfaketime); a slow one is
+    /// given leaderships, then, where partitions can run, cut off from its peers (not from
+    /// clients) while its clock is skewed.
+    Clock,
     /// One of kill, pause, membership, bounce, restart, transfer, snapshot, crash (and power loss
-    /// on the lossy file system, partition where it can run, latency with the delaying proxy)
-    /// per cycle.
+    /// on the lossy file system, partition where it can run, latency with the delaying proxy,
+    /// clock where libfaketime is installed) per cycle.
     Mixed,
 }
 
@@ -202,6 +212,9 @@ pub async fn run(
                 if cluster.on_slow_net() {
                     kinds.push(Nemesis::Latency);
                 }
+                if crate::clock::availability().is_ok() {
+                    kinds.push(Nemesis::Clock);
+                }
                 kinds[rng.random_range(0..kinds.len())]
             }
             other => other,
@@ -209,13 +222,7 @@ pub async fn run(
         let shard = rng.random_range(1..=shard_count(client));
         match kind {
             Nemesis::Kill => {
-                let target = if rng.random_bool(0.5) {
-                    cluster.leader_of(client, shard).await
-                } else {
-                    None
-                };
-                let healthy = cluster.healthy();
-                let target = target.unwrap_or(healthy[rng.random_range(0..healthy.len())]);
+                let target = node_or_leader(cluster, client, &mut rng, shard).await;
                 recorder.record(event(F::Start, "kill", format!("{target}")));
                 cluster.kill(target)?;
                 sleep(timing.hold, &stop).await;
@@ -404,6 +411,30 @@ pub async fn run(
                     None => String::new(),
                 };
                 recorder.record(event(F::Stop, &plan.name, outcome));
+            }
+            Nemesis::Clock => {
+                let target = node_or_leader(cluster, client, &mut rng, shard).await;
+                let rate = crate::clock::RATES[rng.random_range(0..crate::clock::RATES.len())];
+                cluster.skew_clock(target, rate)?;
+                let mut what = format!("node {target} at {rate}x");
+                // A slow clock is the one that stretches a lease: make the node lead, then cut
+                // it off from its followers, which elect another leader once their promise not
+                // to has run out by their own clocks. Its clients still reach it.
+                if rate < 1.0 {
+                    what += &lead_everything(cluster, client, target).await;
+                    if crate::net::in_private_netns() {
+                        let members = members(client).await;
+                        if let Some(victim) = members.iter().position(|m| *m == target) {
+                            let cut =
+                                cluster.partition(&members, |a, b| a != victim && b != victim)?;
+                            what += &format!("; cut off: {cut}");
+                        }
+                    }
+                }
+                recorder.record(event(F::Start, "clock", what));
+                sleep(timing.hold, &stop).await;
+                cluster.heal()?;
+                recorder.record(event(F::Stop, "clock", format!("{target}")));
             }
             Nemesis::Membership => {
                 // A membership change refused or timed out under other faults is recorded, not
@@ -661,6 +692,47 @@ async fn latency_plan(
 }
 
 /// The replicas of `shard` in the current shard map.
+/// A healthy node: half the time the leader of `shard` (when it has one), else a random one.
+async fn node_or_leader(cluster: &Cluster, client: &Client, rng: &mut StdRng, shard: u64) -> u64 {
+    let leader = if rng.random_bool(0.5) {
+        cluster.leader_of(client, shard).await
+    } else {
+        None
+    };
+    let healthy = cluster.healthy();
+    leader.unwrap_or(healthy[rng.random_range(0..healthy.len())])
+}
+
+/// Hands node `target` the leadership of every shard it replicates, once its groups have
+/// leaders again after its restart (at most [`READY_WAIT`]). Returns, for the history, the
+/// shards it leads a moment later: `, leads shards [..]`.
+async fn lead_everything(cluster: &mut Cluster, client: &Client, target: u64) -> String {
+    if let Err(e) = cluster.nodes.wait_ready(READY_WAIT).await {
+        return format!(", not ready for leaderships: {e:#}");
+    }
+    let mut asked = Vec::new();
+    for shard in 1..=shard_count(client) {
+        let Ok(replicas) = replicas_of(client, shard).await else {
+            continue;
+        };
+        if replicas.contains(&target) && client.transfer_leader(shard, target).await.is_ok() {
+            asked.push(shard);
+        }
+    }
+    // A transfer is answered once it has started: give the elections time to finish.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut led = Vec::new();
+    for shard in asked {
+        if cluster.leader_of(client, shard).await == Some(target) {
+            led.push(shard);
+        }
+    }
+    format!(", leads shards {led:?}")
+}
+
+/// How long a node restarted by a fault may take before its groups have leaders again.
+const READY_WAIT: Duration = Duration::from_secs(20);
+
 async fn replicas_of(client: &Client, shard: u64) -> anyhow::Result<Vec<u64>> {
     let table = client.refresh_map().await?;
     Ok(table

@@ -60,6 +60,9 @@ pub struct RunOptions {
     pub slow_net: bool,
     /// Search budget per key.
     pub budget: u64,
+    /// Extra flags for every node (after the chaos suite's Raft settings, so they override
+    /// them), e.g. `--lease-drift-percent 80`.
+    pub node_args: Vec<String>,
 }
 
 /// What a run concluded.
@@ -110,7 +113,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<RunResult> {
         &opts.node_bin,
         opts.nodes,
         opts.shards,
-        &[],
+        &opts.node_args,
         lossy,
         slow,
     )

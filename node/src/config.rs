@@ -19,6 +19,10 @@ use crate::limits::Limits;
 /// one disk or a 10 Gbit/s link carries.
 const DEFAULT_SNAPSHOT_SEND_MB_PER_SEC: u64 = 100;
 
+/// Real clocks drift by parts per million; 10% also covers a leader whose clock is slowed by a
+/// loaded hypervisor, at the price of a lease 10% shorter than openraft's.
+const DEFAULT_LEASE_DRIFT_PERCENT: u64 = 10;
+
 /// Command-line flags (each also readable from its `STRATA_*` environment variable).
 #[derive(Parser, Debug, Default)]
 #[command(name = "strata-node", version, about = "A Strata storage node")]
@@ -65,6 +69,12 @@ pub struct Args {
     /// Raft log entries since the last snapshot that trigger a new snapshot (and log compaction).
     #[arg(long, env = "STRATA_SNAPSHOT_LOGS")]
     pub snapshot_logs: Option<u64>,
+    /// How much slower, in percent, a leader's clock may run than its followers' without `LEASE`
+    /// reads going stale: a leader serves them only while the last quorum acknowledgement is
+    /// younger than the maximum election timeout shortened by this share (default 10; 100 makes
+    /// every `LEASE` read a ReadIndex read).
+    #[arg(long, env = "STRATA_LEASE_DRIFT_PERCENT")]
+    pub lease_drift_percent: Option<u64>,
     /// Memory budget for RocksDB memtables and block cache, in MiB, shared by all shards.
     #[arg(long, env = "STRATA_MEMORY_BUDGET_MB")]
     pub memory_budget_mb: Option<usize>,
@@ -102,6 +112,7 @@ struct FileConfig {
     election_timeout_min_ms: Option<u64>,
     election_timeout_max_ms: Option<u64>,
     snapshot_logs: Option<u64>,
+    lease_drift_percent: Option<u64>,
     memory_budget_mb: Option<usize>,
     snapshot_send_mb_per_sec: Option<u64>,
     max_key_bytes: Option<usize>,
@@ -121,6 +132,21 @@ pub struct RaftTimings {
     pub election_max: Duration,
     /// Log entries since the last snapshot that trigger a snapshot.
     pub snapshot_logs: u64,
+    /// The clock-rate difference, in percent, that `LEASE` reads allow for (see
+    /// [`RaftTimings::lease_read_age`]).
+    pub lease_drift_percent: u64,
+}
+
+impl RaftTimings {
+    /// The oldest quorum acknowledgement a `LEASE` read may rely on: the maximum election
+    /// timeout, shortened by `lease_drift_percent`. A follower that acknowledged the leader
+    /// refuses to vote for anyone else for the maximum election timeout by its own clock, and the
+    /// leader counts its lease from when it sent what the quorum acknowledged, by its clock; if the
+    /// leader's clock runs slower, its full lease would outlast the followers' promise. TiKV
+    /// keeps the same margin (a 9 s lease under a 10 s election timeout).
+    pub fn lease_read_age(&self) -> Duration {
+        self.election_max * (100 - self.lease_drift_percent.min(100)) as u32 / 100
+    }
 }
 
 /// The resolved settings of one node.
@@ -227,6 +253,10 @@ impl NodeConfig {
                     .or(file.election_timeout_max_ms)
                     .unwrap_or(2000)),
                 snapshot_logs: args.snapshot_logs.or(file.snapshot_logs).unwrap_or(20_000),
+                lease_drift_percent: args
+                    .lease_drift_percent
+                    .or(file.lease_drift_percent)
+                    .unwrap_or(DEFAULT_LEASE_DRIFT_PERCENT),
             },
             memory_budget_bytes: args
                 .memory_budget_mb
@@ -277,6 +307,12 @@ impl NodeConfig {
         }
         if self.raft.election_max <= self.raft.election_min {
             bail!("election timeout max must exceed min");
+        }
+        if self.raft.lease_drift_percent > 100 {
+            bail!(
+                "lease-drift-percent must be in 0..=100, not {}",
+                self.raft.lease_drift_percent
+            );
         }
         if self.memory_budget_bytes < 8 << 20 {
             bail!("memory budget must be at least 8 MiB");
@@ -373,6 +409,36 @@ mod tests {
         })
         .unwrap_err();
         assert!(err.to_string().contains("too large"), "{err}");
+    }
+
+    #[test]
+    fn a_lease_read_relies_on_acknowledgements_younger_than_the_shortened_election_timeout() {
+        let resolve = |percent| {
+            NodeConfig::resolve(Args {
+                id: Some(1),
+                election_timeout_max_ms: Some(2000),
+                lease_drift_percent: percent,
+                ..Default::default()
+            })
+        };
+        let age = |percent| resolve(percent).unwrap().raft.lease_read_age();
+        assert_eq!(age(None), Duration::from_millis(1800), "default: 10%");
+        assert_eq!(
+            age(Some(0)),
+            Duration::from_millis(2000),
+            "openraft's own lease"
+        );
+        assert_eq!(age(Some(75)), Duration::from_millis(500));
+        assert_eq!(
+            age(Some(100)),
+            Duration::ZERO,
+            "every lease read a ReadIndex read"
+        );
+        let err = resolve(Some(101)).unwrap_err().to_string();
+        assert!(
+            err.contains("lease-drift-percent must be in 0..=100"),
+            "{err}"
+        );
     }
 
     #[test]

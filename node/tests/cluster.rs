@@ -1,7 +1,7 @@
 //! Multi-node tests on real `strata-node` processes: routing to every shard, leader failover
 //! without losing acknowledged writes, catch-up after restart, reads after every node was killed
-//! at once, exactly-once retries, and bad
-//! input that must change nothing.
+//! at once, lease reads without a lease, exactly-once retries, and bad input that must change
+//! nothing.
 
 mod common;
 
@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use common::{phase, put_all, Acked, TestCluster};
-use strata_client::{BatchOp, Error, ScanOptions};
+use strata_client::{BatchOp, Consistency, Error, ScanOptions};
 use strata_proto::v1::kv_client::KvClient;
 use strata_proto::v1::{
     batch_result, get_result, BatchOp as PbBatchOp, BatchRequest, GetRequest, MultiBatchRequest,
@@ -170,6 +170,25 @@ async fn leader_kv(
     let leader = tc.leader_of(client, shard).await.expect("leader");
     let addr = tc.client_addr(leader);
     KvClient::connect(format!("http://{addr}")).await.unwrap()
+}
+
+/// A `LEASE` read whose lease has run out is not refused: the leader confirms its leadership with
+/// a heartbeat round, as for a ReadIndex read. `--lease-drift-percent 100` leaves no lease at
+/// all, so every read here takes that path; each must see the write before it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lease_reads_without_a_lease_wait_for_a_heartbeat_round_instead_of_failing() {
+    let tc = TestCluster::start_with(3, 2, &["--lease-drift-percent", "100"]).await;
+    let client = tc.client().await;
+    for i in 0..50 {
+        let key = format!("lease:{i}");
+        let version = client.put(key.clone(), format!("v{i}")).await.expect("put");
+        let got = client
+            .get_with(key, Consistency::Lease)
+            .await
+            .expect("lease read")
+            .expect("just written");
+        assert_eq!(got.version, version);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -10,6 +10,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use openraft::error::{ClientWriteError, RaftError};
+use openraft::raft::linearizable_read::LinearizerOption;
 use openraft::type_config::async_runtime::watch::WatchReceiver;
 use openraft::{BasicNode, ChangeMembers, Config, ReadPolicy, ServerState, SnapshotPolicy};
 use openraft_multi::GroupNetworkFactory;
@@ -56,6 +57,9 @@ pub struct Group {
     reads: Arc<ReadBatcher>,
     /// Snapshot installs (the state machine makes them; reads must not overlap one).
     snapshot_installs: Arc<Installs>,
+    /// The oldest quorum acknowledgement a `LEASE` read may rely on
+    /// ([`RaftTimings::lease_read_age`]).
+    lease_read_age: Duration,
 }
 
 /// Openraft settings for every group, sized for a busy 2-core machine.
@@ -110,6 +114,7 @@ impl Group {
             raft,
             reads,
             snapshot_installs,
+            lease_read_age: timings.lease_read_age(),
         })
     }
 
@@ -161,11 +166,17 @@ impl Group {
 
     /// Waits until this node may serve a linearizable read: leadership confirmed (ReadIndex or
     /// lease) and the state machine applied up to the read index.
-    /// ReadIndex reads of concurrent callers share one quorum round (see [`ReadBatcher`]).
+    /// ReadIndex reads of concurrent callers share one quorum round (see [`ReadBatcher`]). A
+    /// lease read relies on a quorum acknowledgement at most [`RaftTimings::lease_read_age`] old;
+    /// when there is none, the leader sends heartbeats at once and the read waits for their
+    /// acknowledgement, as a ReadIndex read would, instead of failing.
     pub async fn linearize(&self, policy: ReadPolicy) -> Result<(), ReadError> {
         match policy {
             ReadPolicy::ReadIndex => self.reads.linearize().await,
-            other => linearize_once(&self.raft, other).await,
+            ReadPolicy::LeaseRead => {
+                let lease = LinearizerOption::new(Some(self.lease_read_age), true);
+                linearize_once(&self.raft, lease).await
+            }
         }
     }
 

@@ -7,6 +7,7 @@
 use std::sync::{Arc, Mutex};
 
 use openraft::error::{LinearizableReadError, RaftError};
+use openraft::raft::linearizable_read::LinearizerOption;
 use openraft::ReadPolicy;
 use tokio::sync::oneshot;
 
@@ -70,9 +71,13 @@ impl ReadBatcher {
     }
 }
 
-/// One leadership confirmation with `policy`, classified for the services.
-pub async fn linearize_once(raft: &StrataRaft, policy: ReadPolicy) -> Result<(), ReadError> {
-    match raft.ensure_linearizable(policy).await {
+/// One leadership confirmation with `option` (a [`ReadPolicy`] or finer), classified for the
+/// services.
+pub async fn linearize_once(
+    raft: &StrataRaft,
+    option: impl Into<LinearizerOption>,
+) -> Result<(), ReadError> {
+    match raft.ensure_linearizable(option).await {
         Ok(_) => Ok(()),
         Err(RaftError::APIError(LinearizableReadError::ForwardToLeader(f))) => {
             Err(ReadError::NotLeader(f.leader_id))
