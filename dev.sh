@@ -101,7 +101,7 @@ case "$cmd" in
     # --no-fail-fast: a failing test binary must not hide the results of the ones after it.
     cargo test --release --locked --workspace --no-fail-fast "$@" 2>&1 | tee "$log"
     status=${PIPESTATUS[0]}
-    # The chaos suite's short matrix on real clusters (about 7 minutes), planted bugs included.
+    # The chaos suite's short matrix on real clusters (about 8 minutes), planted bugs included.
     cargo_build_quietly -p strata-node -p strata-jepsen
     chaos_out=$(mktemp -d)
     "$CARGO_TARGET_DIR/release/strata-jepsen" ci --out "$chaos_out" \
