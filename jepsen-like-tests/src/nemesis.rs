@@ -25,7 +25,7 @@
 //! - `clock`: restart a node (half the time a shard leader) with its clock running at 0.25, 0.5,
 //!   2 or 4 times real time (see [`crate::clock`]). A slow one is handed the leadership of its
 //!   shards and, where partitions can run, cut off from the other nodes (not from clients) for
-//!   the hold: a leader whose clock runs slow believes its lease lasts longer than its followers
+//!   the hold and 2 s more: a leader whose clock runs slow believes its lease lasts longer than its followers
 //!   wait before electing another. A fast one only runs fast (its timers fire early). At heal it
 //!   restarts with the true clock;
 //! - `mixed`: any of kill, pause, membership, bounce, restart, transfer, snapshot, crash (and
@@ -432,7 +432,12 @@ pub async fn run(
                     }
                 }
                 recorder.record(event(F::Start, "clock", what));
-                sleep(timing.hold, &stop).await;
+                let hold = if rate < 1.0 {
+                    timing.hold + SLOW_LEADER_EXTRA_HOLD
+                } else {
+                    timing.hold
+                };
+                sleep(hold, &stop).await;
                 cluster.heal()?;
                 recorder.record(event(F::Stop, "clock", format!("{target}")));
             }
@@ -704,31 +709,51 @@ async fn node_or_leader(cluster: &Cluster, client: &Client, rng: &mut StdRng, sh
 }
 
 /// Hands node `target` the leadership of every shard it replicates, once its groups have
-/// leaders again after its restart (at most [`READY_WAIT`]). Returns, for the history, the
-/// shards it leads a moment later: `, leads shards [..]`.
+/// leaders again after its restart (at most [`READY_WAIT`]), asking again for the shards it does
+/// not lead yet (a transfer to a replica still catching up does not take) until it leads them all
+/// or [`LEAD_WAIT`] has passed. Returns, for the history, the shards it leads: `, leads shards
+/// [..]`.
 async fn lead_everything(cluster: &mut Cluster, client: &Client, target: u64) -> String {
     if let Err(e) = cluster.nodes.wait_ready(READY_WAIT).await {
         return format!(", not ready for leaderships: {e:#}");
     }
-    let mut asked = Vec::new();
+    let mut replicated = Vec::new();
     for shard in 1..=shard_count(client) {
-        let Ok(replicas) = replicas_of(client, shard).await else {
-            continue;
-        };
-        if replicas.contains(&target) && client.transfer_leader(shard, target).await.is_ok() {
-            asked.push(shard);
+        if replicas_of(client, shard)
+            .await
+            .is_ok_and(|r| r.contains(&target))
+        {
+            replicated.push(shard);
         }
     }
-    // A transfer is answered once it has started: give the elections time to finish.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let until = tokio::time::Instant::now() + LEAD_WAIT;
     let mut led = Vec::new();
-    for shard in asked {
-        if cluster.leader_of(client, shard).await == Some(target) {
-            led.push(shard);
+    loop {
+        for shard in replicated.iter().filter(|s| !led.contains(*s)) {
+            let _ = client.transfer_leader(*shard, target).await;
+        }
+        // A transfer is answered once it has started: give the elections time to finish.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        led.clear();
+        for shard in &replicated {
+            if cluster.leader_of(client, *shard).await == Some(target) {
+                led.push(*shard);
+            }
+        }
+        if led.len() == replicated.len() || tokio::time::Instant::now() >= until {
+            return format!(", leads shards {led:?}");
         }
     }
-    format!(", leads shards {led:?}")
 }
+
+/// How long [`lead_everything`] keeps asking.
+const LEAD_WAIT: Duration = Duration::from_secs(3);
+
+/// How much longer a slow node stays cut off than other faults last: its followers first wait
+/// out their promise not to vote (one maximum election timeout, 1 s in chaos runs) and then their
+/// own election timeout (up to another 1 s), so with the usual hold the new leader would serve
+/// for only about a second before the heal.
+const SLOW_LEADER_EXTRA_HOLD: Duration = Duration::from_secs(2);
 
 /// How long a node restarted by a fault may take before its groups have leaders again.
 const READY_WAIT: Duration = Duration::from_secs(20);
