@@ -152,7 +152,7 @@ async fn main_async(cli: Cli) -> anyhow::Result<bool> {
 }
 
 /// Whether the command needs the private network namespace (partitions, slow links), or can
-/// use it (`mixed`, and `clock`, which cuts off a node with a skewed clock half the time).
+/// use it (`mixed`, and `clock`, which cuts off a node whose clock runs slow).
 fn wants_netns(cmd: &Cmd) -> bool {
     match cmd {
         Cmd::Run(a) => {

@@ -25,9 +25,9 @@
 //! - `clock`: restart a node (half the time a shard leader) with its clock running at 0.25, 0.5,
 //!   2 or 4 times real time (see [`crate::clock`]). A slow one is handed the leadership of its
 //!   shards and, where partitions can run, cut off from the other nodes (not from clients) for
-//!   the hold and 2 s more: a leader whose clock runs slow believes its lease lasts longer than its followers
-//!   wait before electing another. A fast one only runs fast (its timers fire early). At heal it
-//!   restarts with the true clock;
+//!   the hold and 2 s more: a leader whose clock runs slow believes its lease lasts longer than
+//!   its followers wait before electing another. A fast one only runs fast (its timers fire
+//!   early). At heal it restarts with the true clock;
 //! - `mixed`: any of kill, pause, membership, bounce, restart, transfer, snapshot, crash (and
 //!   power loss with `--lossy-fs`, partition where it can run, latency with `--slow-net`, clock
 //!   where libfaketime is installed), chosen per cycle.
@@ -420,7 +420,8 @@ pub async fn run(
                 // A slow clock is the one that stretches a lease: make the node lead, then cut
                 // it off from its followers, which elect another leader once their promise not
                 // to has run out by their own clocks. Its clients still reach it.
-                if rate < 1.0 {
+                let slow = rate < 1.0;
+                if slow {
                     what += &lead_everything(cluster, client, target).await;
                     if crate::net::in_private_netns() {
                         let members = members(client).await;
@@ -432,7 +433,7 @@ pub async fn run(
                     }
                 }
                 recorder.record(event(F::Start, "clock", what));
-                let hold = if rate < 1.0 {
+                let hold = if slow {
                     timing.hold + SLOW_LEADER_EXTRA_HOLD
                 } else {
                     timing.hold
@@ -717,15 +718,15 @@ async fn lead_everything(cluster: &mut Cluster, client: &Client, target: u64) ->
     if let Err(e) = cluster.nodes.wait_ready(READY_WAIT).await {
         return format!(", not ready for leaderships: {e:#}");
     }
-    let mut replicated = Vec::new();
-    for shard in 1..=shard_count(client) {
-        if replicas_of(client, shard)
-            .await
-            .is_ok_and(|r| r.contains(&target))
-        {
-            replicated.push(shard);
-        }
-    }
+    let replicated: Vec<u64> = match client.refresh_map().await {
+        Ok(table) => table
+            .shards
+            .iter()
+            .filter(|s| s.replicas.contains(&target))
+            .map(|s| s.id)
+            .collect(),
+        Err(e) => return format!(", no shard map for leaderships: {e}"),
+    };
     let until = tokio::time::Instant::now() + LEAD_WAIT;
     let mut led = Vec::new();
     loop {

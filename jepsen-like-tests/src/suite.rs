@@ -1,6 +1,7 @@
 //! The CI matrix: a few short scenarios on a 3-node cluster, each with a nemesis, plus the
 //! planted-bug scenarios and one without a lease's drift margin, which must come out INVALID — a
-//! checker that never fails proves nothing. Prints one line per scenario and ends with `N passed, M failed`.
+//! checker that never fails proves nothing. Prints one line per scenario and ends with
+//! `N passed, M failed`.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
