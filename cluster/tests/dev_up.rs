@@ -270,11 +270,21 @@ fn dev_up_serves_the_cli_survives_a_kill_and_restarts_with_its_data() {
             "1s",
             "--keys",
             "50",
+            "--consistency",
+            "lease",
         ],
     ));
     let report: serde_json::Value = serde_json::from_str(&report).unwrap();
     assert!(report["ops"].as_u64().unwrap() > 0, "{report}");
     assert_eq!(report["errors"], 0, "{report}");
+    assert_eq!(report["consistency"], "lease", "{report}");
+    let etcd_lease = strata(
+        &dir,
+        &["bench", "--target", "etcd", "--consistency", "lease"],
+    );
+    let stderr = String::from_utf8_lossy(&etcd_lease.stderr);
+    assert!(!etcd_lease.status.success(), "{stderr}");
+    assert!(stderr.contains("etcd has no lease reads"), "{stderr}");
     let bad = strata(
         &dir,
         &[

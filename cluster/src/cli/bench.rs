@@ -18,6 +18,7 @@ use tonic::transport::{Channel, Endpoint};
 use crate::etcd;
 use crate::etcd::kv_client::KvClient;
 
+use super::kv::ConsistencyArg;
 use super::output::{json, table};
 use super::{parse_duration, Cli, Format};
 
@@ -27,7 +28,7 @@ use super::{parse_duration, Cli, Format};
 pub enum Workload {
     /// Puts of random keys.
     Put,
-    /// Linearizable gets of preloaded keys.
+    /// Gets of preloaded keys, at `--consistency`.
     Get,
     /// Half puts, half gets.
     Mixed,
@@ -49,8 +50,12 @@ pub struct BenchArgs {
     /// The system under test.
     #[arg(long, value_enum, default_value = "strata")]
     pub target: Target,
-    /// Serve gets from any replica (Strata `STALE`, etcd serializable) instead of linearizably.
-    #[arg(long)]
+    /// Consistency of the gets. Against etcd, `linearizable` is a linearizable `Range` and
+    /// `stale` a serializable one; etcd has no lease reads.
+    #[arg(long, value_enum, default_value = "linearizable")]
+    pub consistency: ConsistencyArg,
+    /// Shorthand for `--consistency stale`.
+    #[arg(long, conflicts_with = "consistency")]
     pub stale_reads: bool,
     /// Operation mix.
     #[arg(long, value_enum, default_value = "put")]
@@ -80,6 +85,8 @@ pub struct BenchReport {
     pub target: Target,
     /// Workload run.
     pub workload: Workload,
+    /// Consistency of the gets.
+    pub consistency: ConsistencyArg,
     /// Workers.
     pub clients: usize,
     /// Measured seconds.
@@ -117,17 +124,21 @@ enum Store {
     Etcd(KvClient<Channel>, bool),
 }
 
+impl BenchArgs {
+    /// The gets' consistency, `--stale-reads` folded in.
+    fn reads(&self) -> ConsistencyArg {
+        if self.stale_reads {
+            ConsistencyArg::Stale
+        } else {
+            self.consistency
+        }
+    }
+}
+
 impl Store {
     async fn connect(cli: &Cli, a: &BenchArgs, i: usize) -> anyhow::Result<Store> {
         Ok(match a.target {
-            Target::Strata => {
-                let c = if a.stale_reads {
-                    Consistency::Stale
-                } else {
-                    Consistency::Linearizable
-                };
-                Store::Strata(cli.client().await?, c)
-            }
+            Target::Strata => Store::Strata(cli.client().await?, a.reads().into()),
             Target::Etcd => {
                 let endpoints = cli.resolved_endpoints()?;
                 let addr = &endpoints[i % endpoints.len()];
@@ -135,7 +146,7 @@ impl Store {
                     .tcp_nodelay(true)
                     .connect()
                     .await?;
-                Store::Etcd(KvClient::new(ch), a.stale_reads)
+                Store::Etcd(KvClient::new(ch), a.reads() == ConsistencyArg::Stale)
             }
         })
     }
@@ -178,6 +189,9 @@ impl Store {
 pub async fn run(cli: &Cli, a: &BenchArgs) -> anyhow::Result<()> {
     if a.clients == 0 || a.keys == 0 || a.connections == 0 {
         anyhow::bail!("--clients, --keys and --connections must be at least 1");
+    }
+    if a.target == Target::Etcd && a.reads() == ConsistencyArg::Lease {
+        anyhow::bail!("--consistency lease: etcd has no lease reads (use linearizable or stale)");
     }
     let mut clients = Vec::new();
     for i in 0..a.connections {
@@ -266,6 +280,7 @@ pub async fn run(cli: &Cli, a: &BenchArgs) -> anyhow::Result<()> {
     let report = BenchReport {
         target: a.target,
         workload: a.workload,
+        consistency: a.reads(),
         clients: a.clients,
         duration_s: elapsed,
         ops: hist.len(),
@@ -284,12 +299,13 @@ pub async fn run(cli: &Cli, a: &BenchArgs) -> anyhow::Result<()> {
         Format::Table => {
             table(
                 &[
-                    "TARGET", "WORKLOAD", "CLIENTS", "OPS/S", "P50 ms", "P99 ms", "P999 ms",
-                    "MAX ms", "OPS", "ERRORS",
+                    "TARGET", "WORKLOAD", "READS", "CLIENTS", "OPS/S", "P50 ms", "P99 ms",
+                    "P999 ms", "MAX ms", "OPS", "ERRORS",
                 ],
                 &[vec![
                     format!("{:?}", report.target).to_lowercase(),
                     format!("{:?}", report.workload).to_lowercase(),
+                    format!("{:?}", report.consistency).to_lowercase(),
                     report.clients.to_string(),
                     format!("{:.0}", report.ops_per_sec),
                     format!("{:.2}", report.p50_ms),

@@ -9,7 +9,8 @@ use super::output::{emit, show_bytes};
 use super::Cli;
 
 /// Read consistency, as a flag.
-#[derive(ValueEnum, Clone, Copy, Debug)]
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum ConsistencyArg {
     /// ReadIndex through the leader (default).
     Linearizable,
