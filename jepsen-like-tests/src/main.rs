@@ -90,6 +90,19 @@ struct RunArgs {
     /// An extra flag for every node, e.g. `--node-arg=--lease-drift-percent=80` (repeatable).
     #[arg(long = "node-arg", allow_hyphen_values = true)]
     node_args: Vec<String>,
+    /// The clock rates clock faults draw from, comma-separated (default 0.25,0.5,2,4).
+    #[arg(long, value_delimiter = ',', value_parser = clock_rate)]
+    clock_rates: Vec<f64>,
+}
+
+/// A clock rate: a positive multiple of real time.
+fn clock_rate(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(r) if r.is_finite() && r > 0.0 => Ok(r),
+        _ => Err(format!(
+            "a clock rate is a positive number (0.5 = half speed), not {s:?}"
+        )),
+    }
 }
 
 fn node_bin(given: Option<PathBuf>) -> anyhow::Result<PathBuf> {
@@ -126,6 +139,11 @@ async fn main_async(cli: Cli) -> anyhow::Result<bool> {
                 slow_net: a.slow_net,
                 budget: DEFAULT_BUDGET,
                 node_args: a.node_args,
+                clock_rates: if a.clock_rates.is_empty() {
+                    strata_jepsen::clock::RATES.to_vec()
+                } else {
+                    a.clock_rates
+                },
             };
             let r = runner::run(opts).await?;
             print!("{}", std::fs::read_to_string(a.out.join("report.txt"))?);

@@ -127,6 +127,18 @@ impl Default for Timing {
     }
 }
 
+/// How a nemesis run draws its faults.
+#[derive(Clone, Debug)]
+pub struct Draws {
+    /// Seed of every choice: a recorded seed repeats the same faults.
+    pub seed: u64,
+    /// Timing of each cycle.
+    pub timing: Timing,
+    /// The clock rates a clock fault picks from ([`crate::clock::RATES`] unless a scenario
+    /// needs others, such as rates inside the nodes' lease drift margin).
+    pub clock_rates: Vec<f64>,
+}
+
 fn event(f: F, name: &str, targets: String) -> Event {
     let mut e = Event::new(Kind::Nemesis, 0, f);
     e.key = Some(name.to_string());
@@ -153,10 +165,18 @@ pub async fn run(
     cluster: &mut Cluster,
     client: &Client,
     recorder: &Recorder,
-    seed: u64,
-    timing: Timing,
+    draws: Draws,
     stop: Arc<AtomicBool>,
 ) -> anyhow::Result<Outcome> {
+    let Draws {
+        seed,
+        timing,
+        clock_rates,
+    } = draws;
+    anyhow::ensure!(
+        !clock_rates.is_empty(),
+        "the clock nemesis needs at least one rate"
+    );
     if nemesis.needs_netns() && !crate::net::in_private_netns() {
         anyhow::bail!(
             "the {nemesis:?} nemesis needs the harness inside its private network namespace"
@@ -414,7 +434,7 @@ pub async fn run(
             }
             Nemesis::Clock => {
                 let target = node_or_leader(cluster, client, &mut rng, shard).await;
-                let rate = crate::clock::RATES[rng.random_range(0..crate::clock::RATES.len())];
+                let rate = clock_rates[rng.random_range(0..clock_rates.len())];
                 cluster.skew_clock(target, rate)?;
                 let mut what = format!("node {target} at {rate}x");
                 // A slow clock is the one that stretches a lease: make the node lead, then cut

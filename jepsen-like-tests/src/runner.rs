@@ -20,7 +20,7 @@ use strata_proto::v1::ScanRequest;
 use crate::checker::{self, Results};
 use crate::control::Cluster;
 use crate::history::{Event, Kind, Recorder, F};
-use crate::nemesis::{self, Nemesis, Timing};
+use crate::nemesis::{self, Draws, Nemesis, Timing};
 use crate::report;
 use crate::workload::{self, ReadLevel, Settings, Workload};
 
@@ -63,6 +63,8 @@ pub struct RunOptions {
     /// Extra flags for every node (after the chaos suite's Raft settings, so they override
     /// them), e.g. `--lease-drift-percent 80`.
     pub node_args: Vec<String>,
+    /// The rates a clock fault draws from (see [`crate::clock::RATES`]).
+    pub clock_rates: Vec<f64>,
 }
 
 /// What a run concluded.
@@ -160,8 +162,11 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<RunResult> {
         &mut cluster,
         &client,
         &recorder,
-        opts.seed,
-        Timing::default(),
+        Draws {
+            seed: opts.seed,
+            timing: Timing::default(),
+            clock_rates: opts.clock_rates.clone(),
+        },
         stop.clone(),
     )
     .await;

@@ -253,6 +253,7 @@ pub async fn run_ci(
             slow_net: false,
             budget: DEFAULT_BUDGET,
             node_args: sc.node_args.iter().map(|a| a.to_string()).collect(),
+            clock_rates: crate::clock::RATES.to_vec(),
         };
         let started = std::time::Instant::now();
         let verdict = match runner::run(opts).await {
