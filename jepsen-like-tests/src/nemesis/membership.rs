@@ -1,0 +1,76 @@
+//! Membership changes: a fresh node added, an old one drained and removed.
+
+use std::time::Duration;
+
+use rand::Rng;
+use strata_client::Client;
+
+use super::{Cycle, Run};
+use crate::history::F;
+
+/// Replaces a node, keeping the cluster at its size. A change refused or timed out under other
+/// faults is recorded, not fatal: safety is what the run checks.
+pub(super) async fn replace_node(run: &mut Run<'_>) -> anyhow::Result<Cycle> {
+    if let Err(e) = add_then_remove(run).await {
+        run.record(F::Stop, "membership-error", format!("{e:#}"));
+    }
+    Ok(Cycle::Injected)
+}
+
+/// Adds a fresh node, waits for it to hold replicas, then removes a random old member and waits
+/// for it to leave.
+async fn add_then_remove(run: &mut Run<'_>) -> anyhow::Result<()> {
+    // Admin requests wait for a meta leader through other faults.
+    let client = &run.cluster.client(Duration::from_secs(30)).await?;
+    let (id, client_addr, peer_addr) = run.cluster.start_joining()?;
+    // The new process needs a moment to listen.
+    for _ in 0..100 {
+        if client.node_status(&client_addr).await.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    run.record(F::Start, "add-node", format!("{id}"));
+    client.add_node(&client_addr, &peer_addr, Some(id)).await?;
+    wait_map(client, Duration::from_secs(60), |m| {
+        m.shards.iter().any(|s| s.replicas.contains(&id))
+            && m.shards.iter().all(|s| s.moving_to == 0)
+    })
+    .await;
+    run.record(F::Stop, "add-node", format!("{id}"));
+
+    let map = client.shard_map().await?;
+    let members: Vec<u64> = map
+        .nodes
+        .iter()
+        .map(|n| n.id)
+        .filter(|n| *n != id && run.cluster.healthy().contains(n))
+        .collect();
+    let victim = members[run.rng.random_range(0..members.len())];
+    run.record(F::Start, "remove-node", format!("{victim}"));
+    client.remove_node(victim, false).await?;
+    wait_map(client, Duration::from_secs(90), |m| {
+        !m.nodes.iter().any(|n| n.id == victim)
+    })
+    .await;
+    run.record(F::Stop, "remove-node", format!("{victim}"));
+    Ok(())
+}
+
+/// Polls the shard map until `done` or `timeout`.
+async fn wait_map(
+    client: &Client,
+    timeout: Duration,
+    done: impl Fn(&strata_proto::v1::ShardMap) -> bool,
+) {
+    let until = tokio::time::Instant::now() + timeout;
+    while tokio::time::Instant::now() < until {
+        let _ = client.refresh_map().await;
+        if let Ok(m) = client.shard_map().await {
+            if done(&m) {
+                return;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
