@@ -39,9 +39,8 @@
 //! - `latency`: slow links between nodes (see [`crate::slow_net`]): every link of one node (half
 //!   the time a shard leader) both ways, longer than an election timeout or not; one direction of
 //!   one link; or every link with jitter, as between distant sites. Same namespace.
-
 //!
-//! Modules, one per kind of fault, each driven through [`Run`]: `process` (kill, pause, bounce,
+//! Modules, one per kind of fault, each driven through `Run`: `process` (kill, pause, bounce,
 //! restart, crash, power loss), `raft` (leadership transfer, forced snapshot), `network`
 //! (partitions, slow links), `skew` (clocks), `membership`, `duplicate`; `targets` picks nodes
 //! and shards.

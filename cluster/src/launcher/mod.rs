@@ -4,10 +4,18 @@
 //! A cluster lives in one directory: `cluster.json` (ids, addresses, data dirs, pids) and one
 //! `node-<id>/` folder per node holding its data and its `node.log`. Running the launcher again on
 //! the same directory restarts the same cluster with its data.
+//!
+//! Modules: `file` (`cluster.json`), `host` (processes, free ports, the node binary); the
+//! launcher itself, [`LocalCluster`], is here.
+
+mod file;
+mod host;
+
+pub use file::{ClusterFile, NodeEntry, CLUSTER_FILE, NODE_LOG};
+pub use host::{find_node_binary, free_ports, process_alive};
 
 use std::collections::HashMap;
-use std::fs::{File, OpenOptions};
-use std::io::Write;
+use std::fs::OpenOptions;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -16,58 +24,9 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
-use serde::{Deserialize, Serialize};
 use strata_client::Client;
 
-/// The file describing a local cluster, inside its directory.
-pub const CLUSTER_FILE: &str = "cluster.json";
-
-/// One node of a local cluster, as recorded in `cluster.json`.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
-pub struct NodeEntry {
-    /// Node id.
-    pub id: u64,
-    /// Client API address.
-    pub client_addr: String,
-    /// Peer address.
-    pub peer_addr: String,
-    /// Data directory.
-    pub data_dir: PathBuf,
-    /// Process id while running.
-    pub pid: Option<u32>,
-    /// Started after bootstrap with `--join` (it joins with `strata node add`, not through
-    /// `--initial-cluster`).
-    #[serde(default)]
-    pub joined: bool,
-}
-
-/// fsyncs directory `dir`, making the names created, renamed or deleted in it durable.
-fn sync_dir(dir: &Path) -> std::io::Result<()> {
-    File::open(dir)?.sync_all()
-}
-
-/// Creates `dir` (and its parents) if missing, fsynced into its parent: a node's data directory,
-/// or the cluster's, must not vanish at a power cut. (The node does the same for what it creates.)
-fn create_dir_durable(dir: &Path) -> std::io::Result<()> {
-    if dir.is_dir() {
-        return Ok(());
-    }
-    std::fs::create_dir_all(dir)?;
-    match dir.parent() {
-        Some(parent) if !parent.as_os_str().is_empty() => sync_dir(parent),
-        _ => sync_dir(Path::new(".")),
-    }
-}
-
-/// A node's log file, in its data directory.
-pub const NODE_LOG: &str = "node.log";
-
-impl NodeEntry {
-    /// Where the node's output goes.
-    pub fn log_path(&self) -> PathBuf {
-        self.data_dir.join(NODE_LOG)
-    }
-}
+use file::create_dir_durable;
 
 /// A node process that exited when it should have been running (it could not open its data
 /// directory, say).
@@ -80,76 +39,6 @@ pub struct NodeExited {
     pub status: std::process::ExitStatus,
     /// The last lines of its log, and where the log is.
     pub log_tail: String,
-}
-
-/// The content of `cluster.json`.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
-pub struct ClusterFile {
-    /// Shards created at bootstrap.
-    pub shards: u32,
-    /// Every node.
-    pub nodes: Vec<NodeEntry>,
-    /// Each node has its own loopback address ([`node_ip`]).
-    #[serde(default)]
-    pub ip_per_node: bool,
-}
-
-impl ClusterFile {
-    /// Reads `dir/cluster.json`, if present.
-    pub fn load(dir: &Path) -> anyhow::Result<Option<ClusterFile>> {
-        let path = dir.join(CLUSTER_FILE);
-        match std::fs::read(&path) {
-            Ok(raw) => Ok(Some(
-                serde_json::from_slice(&raw)
-                    .with_context(|| format!("parse {}", path.display()))?,
-            )),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(e).with_context(|| format!("read {}", path.display())),
-        }
-    }
-
-    /// Writes `dir/cluster.json` atomically.
-    pub fn save(&self, dir: &Path) -> anyhow::Result<()> {
-        // Written aside, fsynced, renamed over the old file and the rename fsynced: a power cut
-        // leaves the old file or the new one, never a torn or empty one.
-        let tmp = dir.join(format!("{CLUSTER_FILE}.tmp"));
-        let mut out = File::create(&tmp)?;
-        out.write_all(&serde_json::to_vec_pretty(self)?)?;
-        out.sync_all()?;
-        std::fs::rename(&tmp, dir.join(CLUSTER_FILE))?;
-        sync_dir(dir)?;
-        Ok(())
-    }
-
-    /// Client endpoints of every node.
-    pub fn endpoints(&self) -> Vec<String> {
-        self.nodes.iter().map(|n| n.client_addr.clone()).collect()
-    }
-
-    /// Fails when a node recorded here (the cluster in `dir`) is still running: another launcher
-    /// owns it, and its data dirs must not be reused or wiped.
-    pub fn ensure_not_running(&self, dir: &Path) -> anyhow::Result<()> {
-        for n in &self.nodes {
-            if let Some(pid) = n.pid.filter(|pid| process_alive(*pid)) {
-                bail!(
-                    "node {} of the cluster in {} is already running (pid {pid}); stop it first",
-                    n.id,
-                    dir.display()
-                );
-            }
-        }
-        Ok(())
-    }
-
-    /// The `--initial-cluster` value for this cluster: its bootstrap nodes.
-    fn initial_cluster(&self) -> String {
-        self.nodes
-            .iter()
-            .filter(|n| !n.joined)
-            .map(|n| format!("{}={}/{}", n.id, n.client_addr, n.peer_addr))
-            .collect::<Vec<_>>()
-            .join(",")
-    }
 }
 
 /// How to lay out a new local cluster.
@@ -607,146 +496,6 @@ impl Drop for LocalCluster {
         for (_, child) in &mut self.children {
             let _ = child.kill();
             let _ = child.wait();
-        }
-    }
-}
-
-/// Whether process `pid` exists (and is not a zombie we could reap).
-pub fn process_alive(pid: u32) -> bool {
-    if kill(Pid::from_raw(pid as i32), None).is_err() {
-        return false;
-    }
-    // A zombie still answers signal 0; its /proc state is `Z`.
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => !stat
-            .rsplit(')')
-            .next()
-            .unwrap_or("")
-            .trim_start()
-            .starts_with('Z'),
-        Err(_) => false,
-    }
-}
-
-/// Lowest port a node's listeners may get from [`free_ports`].
-const FIRST_TEST_PORT: u16 = 10_000;
-
-/// `n` distinct free TCP ports on `ip` (each probed by binding it, then released).
-///
-/// They are picked below the kernel's ephemeral range: a port the kernel hands out for `:0` can be
-/// taken by any outgoing connection between the probe and the node's own bind — seen in CI, where
-/// one starting node's connection to another took the third node's peer port. The kernel never
-/// gives ports below that range to outgoing connections, so only an explicit bind elsewhere could
-/// collide. Falls back to kernel-chosen ports when the range leaves no room below it.
-pub fn free_ports(ip: &str, n: usize) -> anyhow::Result<Vec<u16>> {
-    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .ok()
-        .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())
-        .unwrap_or(32_768);
-    let span = ephemeral_low.saturating_sub(FIRST_TEST_PORT);
-    if (span as usize) < n * 64 {
-        return kernel_chosen_ports(ip, n);
-    }
-    // A random start spreads concurrent launchers over the range.
-    let start = rand::random_range(0..span);
-    let mut held = Vec::with_capacity(n);
-    for step in 0..span {
-        let port = FIRST_TEST_PORT + (start + step) % span;
-        if let Ok(listener) = TcpListener::bind((ip, port)) {
-            held.push(listener);
-            if held.len() == n {
-                break;
-            }
-        }
-    }
-    if held.len() < n {
-        bail!("found only {} of {n} free ports on {ip}", held.len());
-    }
-    held.iter().map(|l| Ok(l.local_addr()?.port())).collect()
-}
-
-/// `n` distinct ports the kernel picks for `ip:0` (bound and released).
-fn kernel_chosen_ports(ip: &str, n: usize) -> anyhow::Result<Vec<u16>> {
-    let listeners: Vec<TcpListener> = (0..n)
-        .map(|_| TcpListener::bind(format!("{ip}:0")))
-        .collect::<Result<_, _>>()
-        .with_context(|| format!("find free ports on {ip}"))?;
-    listeners
-        .iter()
-        .map(|l| Ok(l.local_addr()?.port()))
-        .collect()
-}
-
-/// Finds the `strata-node` binary: `$STRATA_NODE_BIN`, else next to the running executable,
-/// else on `PATH`.
-pub fn find_node_binary() -> anyhow::Result<PathBuf> {
-    if let Ok(p) = std::env::var("STRATA_NODE_BIN") {
-        return Ok(PathBuf::from(p));
-    }
-    if let Ok(exe) = std::env::current_exe() {
-        for dir in exe.ancestors().skip(1).take(2) {
-            let candidate = dir.join("strata-node");
-            if candidate.is_file() {
-                return Ok(candidate);
-            }
-        }
-    }
-    if let Some(paths) = std::env::var_os("PATH") {
-        for dir in std::env::split_paths(&paths) {
-            let candidate = dir.join("strata-node");
-            if candidate.is_file() {
-                return Ok(candidate);
-            }
-        }
-    }
-    bail!("strata-node binary not found: build it (cargo build --release) or set STRATA_NODE_BIN")
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_cluster_with_a_live_node_process_counts_as_running() {
-        let node = |pid| NodeEntry {
-            id: 1,
-            client_addr: "127.0.0.1:1".into(),
-            peer_addr: "127.0.0.1:2".into(),
-            data_dir: PathBuf::from("/nonexistent"),
-            pid,
-            joined: false,
-        };
-        let file = |pid| ClusterFile {
-            shards: 1,
-            nodes: vec![node(pid)],
-            ip_per_node: false,
-        };
-        let dir = Path::new("/tmp/somewhere");
-        assert!(file(None).ensure_not_running(dir).is_ok());
-        let err = file(Some(std::process::id()))
-            .ensure_not_running(dir)
-            .unwrap_err();
-        assert!(err.to_string().contains("already running"), "{err}");
-    }
-
-    #[test]
-    fn free_ports_are_distinct_bindable_and_below_the_ephemeral_range() {
-        let ports = free_ports("127.0.0.1", 6).expect("free ports");
-        let distinct: std::collections::HashSet<_> = ports.iter().collect();
-        assert_eq!(distinct.len(), 6, "{ports:?}");
-        let low: u16 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-            .expect("port range")
-            .split_whitespace()
-            .next()
-            .unwrap()
-            .parse()
-            .unwrap();
-        for p in ports {
-            assert!(
-                (FIRST_TEST_PORT..low).contains(&p),
-                "port {p} outside 10000..{low}"
-            );
-            TcpListener::bind(("127.0.0.1", p)).expect("still free");
         }
     }
 }
