@@ -174,7 +174,8 @@ async fn worker(
     }
 }
 
-fn invoke(client: &Client, process: u64, f: F, key: &str) -> Event {
+/// The invocation event of operation `f` on `key` by `process`, naming the key's shard.
+pub(crate) fn invoke(client: &Client, process: u64, f: F, key: &str) -> Event {
     let mut e = Event::new(Kind::Invoke, process, f);
     e.key = Some(key.to_string());
     e.shard = client

@@ -8,7 +8,7 @@ use strata_proto::v1::{PutRequest, RequestId};
 
 use super::event;
 use crate::history::{Event, Kind, Recorder, F};
-use crate::workload::write_error_kind;
+use crate::workload::{invoke, write_error_kind};
 
 /// Process ids of the duplicate nemesis' own operations (workers count up from 0).
 const DUPLICATE_PROCESS: u64 = 1 << 40;
@@ -26,11 +26,7 @@ pub(super) async fn duplicate(client: &Client, recorder: &Recorder, n: u64) -> a
         acked_below: 0,
     };
     let first = format!("d{n}a");
-    let mut e = Event::new(Kind::Invoke, process, F::Write);
-    e.key = Some(key.clone());
-    e.value = Some(first.clone());
-    let invoked = recorder.record(e);
-    let mut done = invoked.clone();
+    let mut done = recorder.record(invoke_write(client, process, &key, &first));
     match raw_put(client, &key, &first, id).await {
         Ok(version) => {
             done.kind = Kind::Ok;
@@ -46,11 +42,7 @@ pub(super) async fn duplicate(client: &Client, recorder: &Recorder, n: u64) -> a
         }
     }
     let second = format!("d{n}b");
-    let mut e = Event::new(Kind::Invoke, process, F::Write);
-    e.key = Some(key.clone());
-    e.value = Some(second.clone());
-    let invoked = recorder.record(e);
-    let mut done = invoked.clone();
+    let mut done = recorder.record(invoke_write(client, process, &key, &second));
     match client.put(key.clone(), second).await {
         Ok(v) => {
             done.kind = Kind::Ok;
@@ -77,10 +69,7 @@ pub(super) async fn duplicate(client: &Client, recorder: &Recorder, n: u64) -> a
         "duplicate",
         format!("answered {redelivered:?}"),
     ));
-    let mut e = Event::new(Kind::Invoke, process + (1 << 20), F::Read);
-    e.key = Some(key.clone());
-    let invoked = recorder.record(e);
-    let mut done = invoked;
+    let mut done = recorder.record(invoke(client, process + (1 << 20), F::Read, &key));
     match client.get(key).await {
         Ok(r) => {
             done.kind = Kind::Ok;
@@ -96,6 +85,13 @@ pub(super) async fn duplicate(client: &Client, recorder: &Recorder, n: u64) -> a
     }
     recorder.record(done);
     Ok(())
+}
+
+/// The invocation of a write of `value` to `key`.
+fn invoke_write(client: &Client, process: u64, key: &str, value: &str) -> Event {
+    let mut e = invoke(client, process, F::Write, key);
+    e.value = Some(value.to_string());
+    e
 }
 
 /// A put with an explicit request id, sent to the replicas of the key's shard until the leader
