@@ -198,16 +198,10 @@ impl Cluster {
             for id in ids {
                 // Reaped first: a dying node may still have a write in flight.
                 self.kill(*id)?;
-                let data_dir = self
-                    .entry(*id)
-                    .map(|n| n.data_dir.clone())
-                    .with_context(|| format!("node {id} is not in the cluster file"))?;
-                // The lossy file system is mounted at the cluster directory; it names paths
-                // below it.
-                let node_dir = data_dir.strip_prefix(self.nodes.dir())?;
+                let node_dir = self.node_dir_on_lossy_fs(*id)?;
                 lost += self
                     .lossy_fs()?
-                    .power_loss(node_dir, &[Path::new(NODE_LOG)], unsynced)?;
+                    .power_loss(&node_dir, &[Path::new(NODE_LOG)], unsynced)?;
             }
             Ok(lost)
         })();
@@ -216,10 +210,52 @@ impl Cluster {
         cut
     }
 
+    /// Fills node `id`'s disk: every write to its data directory fails with `ENOSPC` (its log
+    /// is spared) until the next [`heal`](Self::heal). Needs a cluster started with `lossy`.
+    pub fn fill_disk(&mut self, id: u64) -> anyhow::Result<()> {
+        let node_dir = self.node_dir_on_lossy_fs(id)?;
+        self.lossy_fs()?.fill(&node_dir, &[Path::new(NODE_LOG)])
+    }
+
+    /// Node `id`'s data directory as the lossy file system names it: relative to the cluster
+    /// directory, where it is mounted.
+    fn node_dir_on_lossy_fs(&self, id: u64) -> anyhow::Result<PathBuf> {
+        let data_dir = self
+            .entry(id)
+            .map(|n| n.data_dir.clone())
+            .with_context(|| format!("node {id} is not in the cluster file"))?;
+        Ok(data_dir.strip_prefix(self.nodes.dir())?.to_path_buf())
+    }
+
+    /// How many writes the full disks have refused since the last heal.
+    pub fn refused_writes(&self) -> usize {
+        self.lossy.as_ref().map_or(0, LossyFs::refused)
+    }
+
+    /// Waits up to `timeout` for node `id` to exit on its own. Its exit status, if it did: it
+    /// counts as down from then on, so the next [`heal`](Self::heal) restarts it.
+    pub async fn wait_exit(
+        &mut self,
+        id: u64,
+        timeout: Duration,
+    ) -> Option<std::process::ExitStatus> {
+        let until = tokio::time::Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.nodes.exit_status(id) {
+                self.mark_down(id);
+                return Some(status);
+            }
+            if tokio::time::Instant::now() >= until {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     fn lossy_fs(&self) -> anyhow::Result<&LossyFs> {
         self.lossy
             .as_ref()
-            .context("power loss needs the cluster on the lossy file system")
+            .context("disk faults need the cluster on the lossy file system (--lossy-fs)")
     }
 
     /// Stops node `id` as an operator would before a restart: SIGTERM, and it must exit on its own
@@ -353,9 +389,12 @@ impl Cluster {
         self.down.insert(id);
     }
 
-    /// Restarts nodes that are down, resumes paused ones, removes partitions and delays, and
-    /// restarts nodes whose clock was skewed with the true clock.
+    /// Restarts nodes that are down, resumes paused ones, removes partitions and delays, frees
+    /// full disks, and restarts nodes whose clock was skewed with the true clock.
     pub fn heal(&mut self) -> anyhow::Result<()> {
+        if let Some(fs) = &self.lossy {
+            fs.free_space();
+        }
         if std::mem::take(&mut self.partitioned) {
             crate::net::heal()?;
         }

@@ -108,7 +108,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<RunResult> {
     } else {
         std::env::remove_var("STRATA_PLANTED_BUG");
     }
-    let lossy = opts.lossy_fs || opts.nemesis == Nemesis::PowerLoss;
+    let lossy = opts.lossy_fs || opts.nemesis.needs_lossy_fs();
     let slow = opts.slow_net || opts.nemesis == Nemesis::Latency;
     let mut cluster = Cluster::start(
         &cluster_dir,

@@ -85,6 +85,12 @@ pub fn ci_matrix() -> Vec<Scenario> {
         ),
         s("set-power-loss", Workload::Set, Nemesis::PowerLoss, 20),
         s(
+            "register-disk-full",
+            Workload::Register,
+            Nemesis::DiskFull,
+            15,
+        ),
+        s(
             "register-duplicate",
             Workload::Register,
             Nemesis::Duplicate,
@@ -194,6 +200,16 @@ pub fn ci_matrix() -> Vec<Scenario> {
                 10,
             )
         },
+        Scenario {
+            planted_bug: Some("no-fail-stop"),
+            expect_valid: false,
+            ..s(
+                "planted-no-fail-stop",
+                Workload::Register,
+                Nemesis::DiskFull,
+                10,
+            )
+        },
     ]
 }
 
@@ -206,7 +222,7 @@ pub async fn run_ci(
 ) -> (usize, usize) {
     let (mut passed, mut failed) = (0, 0);
     let in_netns = crate::net::in_private_netns();
-    let power_loss = crate::lossy_fs::availability();
+    let lossy_fs = crate::lossy_fs::availability();
     for sc in ci_matrix() {
         if sc.nemesis.needs_netns() && !in_netns {
             let why = crate::net::availability()
@@ -219,9 +235,9 @@ pub async fn run_ci(
             println!("SKIP {:<28} clock faults cannot run here: {why}", sc.name);
             continue;
         }
-        if let (Nemesis::PowerLoss, Err(why)) = (sc.nemesis, &power_loss) {
+        if let (true, Err(why)) = (sc.nemesis.needs_lossy_fs(), &lossy_fs) {
             println!(
-                "SKIP {:<28} power losses cannot run here (FUSE): {why}",
+                "SKIP {:<28} disk faults cannot run here (FUSE): {why}",
                 sc.name
             );
             continue;

@@ -147,6 +147,12 @@ impl RaftTimings {
     pub fn lease_read_age(&self) -> Duration {
         self.election_max * (100 - self.lease_drift_percent.min(100)) as u32 / 100
     }
+
+    /// How recently a voter must have acknowledged its leader to be handed the leadership: three
+    /// heartbeats, so one late heartbeat does not rule out a live voter.
+    pub fn successor_freshness(&self) -> Duration {
+        self.heartbeat * 3
+    }
 }
 
 /// The resolved settings of one node.

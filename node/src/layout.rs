@@ -12,6 +12,15 @@ pub type GroupId = u64;
 /// The meta group's id.
 pub const META_GROUP: GroupId = 0;
 
+/// How logs and messages name a group: "shard N", or "meta group".
+pub fn group_name(group: GroupId) -> String {
+    if group == META_GROUP {
+        "meta group".into()
+    } else {
+        format!("shard {group}")
+    }
+}
+
 /// Meta group size cap: the meta group lives on at most this many nodes.
 const META_REPLICAS: usize = 3;
 

@@ -1,6 +1,6 @@
 //! `strata-node`: parses settings, sets up logging, runs the node until SIGINT/SIGTERM.
 
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
 
 use clap::Parser;
 
@@ -39,7 +39,9 @@ fn main() {
         .expect("tokio runtime");
     if let Err(e) = runtime.block_on(strata_node::server::run(config, shutdown_signal())) {
         tracing::error!("{e:#}");
-        eprintln!("strata-node: {e:#}");
+        // Not `eprintln!`: it panics when stderr cannot be written, as when the log file is on
+        // the disk whose filling stopped the node.
+        let _ = writeln!(std::io::stderr(), "strata-node: {e:#}");
         std::process::exit(1);
     }
 }

@@ -35,6 +35,10 @@ pub enum Bug {
     /// cannot restart. Only a torn power loss (some unsynced sectors on the disk) finds it; a
     /// loss of every unsynced write leaves a clean WAL end.
     StrictWalRecovery,
+    /// `no-fail-stop`: a Raft group that stops on a storage error (a full disk) leaves its node
+    /// running, as it did before fail-stop was built: the node keeps answering peers and clients
+    /// with groups that no longer append, vote or apply. Only the full-disk nemesis finds it.
+    NoFailStop,
 }
 
 #[cfg(feature = "planted-bugs")]
@@ -48,6 +52,7 @@ impl Bug {
             Bug::SkipDirFsync => "skip-dir-fsync",
             Bug::ShortAppendTimeout => "short-append-timeout",
             Bug::StrictWalRecovery => "strict-wal-recovery",
+            Bug::NoFailStop => "no-fail-stop",
         }
     }
 }

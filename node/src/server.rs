@@ -1,4 +1,5 @@
-//! Starts a node — storage, groups, services — serves until told to stop, then stops cleanly:
+//! Starts a node — storage, groups, services — serves until told to stop (or until one of its
+//! Raft groups fails: fail-stop), then stops cleanly:
 //! leaderships move to live replicas, listeners close (no new requests) and the client calls in
 //! flight are answered, new peer requests are refused and those in progress finish, every Raft
 //! group shuts down, the peer transport stops, storage closes.
@@ -115,8 +116,19 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> anyh
         "serving"
     );
 
-    shutdown.await;
-    tracing::info!(node = node.id(), "shutting down");
+    // A group that failed on its own stops the whole node (see `Groups::failed`), the same way
+    // as a signal, but the node then exits with an error.
+    let failure = tokio::select! {
+        _ = shutdown => None,
+        why = node.groups.failed() => Some(why),
+    };
+    match &failure {
+        None => tracing::info!(node = node.id(), "shutting down"),
+        Some(why) => tracing::error!(
+            node = node.id(),
+            "{why}; stopping the node (fix the cause, e.g. free disk space, then restart it with its data directory)"
+        ),
+    }
     hand_over_leaderships(&node).await;
     let _ = stop_tx.send(true);
     // Client calls are unary: the client server stops once those in flight are answered.
@@ -146,7 +158,10 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> anyh
     // group shut down nothing they carry is used any more.
     peer_task.abort();
     tracing::info!(node = node.id(), "stopped");
-    Ok(())
+    match failure {
+        None => Ok(()),
+        Some(why) => bail!("stopped because {why}"),
+    }
 }
 
 /// This node's id and the layout to start with: the stored ones after a restart; at first
@@ -184,8 +199,7 @@ fn identity(config: &NodeConfig, engine: &Engine) -> anyhow::Result<(u64, Option
 /// comes to lead meanwhile (a peer stopping at the same time handed them here) get a turn too.
 async fn hand_over_leaderships(node: &NodeState) {
     let deadline = tokio::time::Instant::now() + LEADERSHIP_HANDOVER_TIMEOUT;
-    // A voter that acknowledged the leader within a few heartbeats is up.
-    let fresh = node.raft_timings.heartbeat * 3;
+    let fresh = node.raft_timings.successor_freshness();
     let mut handled = HashSet::new();
     loop {
         let led: Vec<_> = node

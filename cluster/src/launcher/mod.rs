@@ -376,19 +376,21 @@ impl LocalCluster {
 
     /// Ids of nodes started by this launcher whose process has exited, with their exit status.
     pub fn exited_nodes(&mut self) -> Vec<(u64, std::process::ExitStatus)> {
-        let mut out = Vec::new();
-        for (id, child) in &mut self.children {
-            if let Ok(Some(status)) = child.try_wait() {
-                out.push((*id, child.id(), status));
-            }
-        }
-        for (id, pid, _) in &out {
-            self.children.retain(|(n, _)| n != id);
-            let _ = self.record_exit(*id, *pid);
-        }
-        out.into_iter()
-            .map(|(id, _, status)| (id, status))
+        let ids: Vec<u64> = self.children.iter().map(|(id, _)| *id).collect();
+        ids.into_iter()
+            .filter_map(|id| Some((id, self.exit_status(id)?)))
             .collect()
+    }
+
+    /// The exit status of node `id`, started by this launcher, if its process has exited (it
+    /// is reaped and its pid cleared); `None` while it runs or if this launcher did not start it.
+    pub fn exit_status(&mut self, id: u64) -> Option<std::process::ExitStatus> {
+        let (_, child) = self.children.iter_mut().find(|(n, _)| *n == id)?;
+        let status = child.try_wait().ok()??;
+        let pid = child.id();
+        self.children.retain(|(n, _)| *n != id);
+        let _ = self.record_exit(id, pid);
+        Some(status)
     }
 
     /// Records in `cluster.json` that process `pid` of node `id` is gone. Re-reads the file

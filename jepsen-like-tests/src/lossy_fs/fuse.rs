@@ -158,6 +158,7 @@ impl Filesystem for Shared {
             if state.dir(new_parent.0)?.contains_key(new_name) {
                 return Err(Errno::EEXIST);
             }
+            state.space_for(new_parent.0)?;
             state
                 .dir_mut(new_parent.0)?
                 .insert(new_name.to_owned(), ino.0);
@@ -252,7 +253,8 @@ impl Filesystem for Shared {
         reply: ReplyWrite,
     ) {
         let mut state = self.lock();
-        match state.file_mut(ino.0) {
+        let result = state.space_for(ino.0).and_then(|()| state.file_mut(ino.0));
+        match result {
             Ok(content) => {
                 content.write(offset as usize, data);
                 state.touch(ino.0);
@@ -373,6 +375,7 @@ impl Filesystem for Shared {
     ) {
         let mut state = self.lock();
         let result = (|| {
+            state.space_for(ino.0)?;
             let content = state.file_mut(ino.0)?;
             match mode {
                 // Preallocation without growing the file (RocksDB's WAL and SST files).

@@ -106,6 +106,40 @@ impl LossyFs {
 }
 
 impl LossyFs {
+    /// Fills the disk under `dir` (a path relative to the mount point): from now on every write
+    /// to a file below it, and every new name in a directory below it, fails with `ENOSPC`, until
+    /// [`free_space`](Self::free_space). Reads, renames, deletions and fsyncs still work, as on
+    /// a real full disk. The files named in `spared` (relative to `dir`) are on another disk: a
+    /// node's log, so that it can say why it stopped.
+    pub fn fill(&self, dir: &Path, spared: &[&Path]) -> anyhow::Result<()> {
+        let mut state = self.state.lock().expect("lossy fs poisoned");
+        let root = state.resolve(ROOT, dir)?;
+        let spared = spared
+            .iter()
+            .map(|p| state.resolve(root, p))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let below: Vec<u64> = state
+            .below(root)
+            .into_iter()
+            .filter(|ino| !spared.contains(ino))
+            .collect();
+        state.full.extend(below);
+        Ok(())
+    }
+
+    /// Ends every [`fill`](Self::fill). Returns how many requests the full disks refused.
+    pub fn free_space(&self) -> usize {
+        let mut state = self.state.lock().expect("lossy fs poisoned");
+        state.full.clear();
+        std::mem::take(&mut state.refused)
+    }
+
+    /// How many requests the full disks have refused since the last
+    /// [`free_space`](Self::free_space).
+    pub fn refused(&self) -> usize {
+        self.state.lock().expect("lossy fs poisoned").refused
+    }
+
     /// From now on `fsync` and `fsyncdir` wait unanswered (their callers blocked in the kernel)
     /// until [`fail_held_syncs`](Self::fail_held_syncs) or
     /// [`answer_held_syncs`](Self::answer_held_syncs). A power loss in between finds what an
@@ -239,6 +273,43 @@ mod mount_tests {
         let dir = tempfile::tempdir().unwrap();
         let fs = LossyFs::mount(dir.path()).unwrap();
         Some((dir, fs))
+    }
+
+    #[test]
+    fn a_full_disk_refuses_writes_and_new_files_below_its_directory_only() {
+        let Some((dir, fs)) = mounted() else { return };
+        let node = dir.path().join("node-1");
+        std::fs::create_dir_all(node.join("db")).unwrap();
+        let mut wal = std::fs::File::create(node.join("db/wal")).unwrap();
+        wal.write_all(b"before").unwrap();
+        std::fs::write(node.join("node.log"), b"log").unwrap();
+        std::fs::create_dir_all(dir.path().join("node-2")).unwrap();
+
+        fs.fill(Path::new("node-1"), &[Path::new("node.log")])
+            .unwrap();
+        let enospc = |r: std::io::Result<()>| {
+            assert_eq!(r.unwrap_err().raw_os_error(), Some(nix::libc::ENOSPC));
+        };
+        enospc(wal.write_all(b"after").and_then(|()| wal.flush()));
+        enospc(std::fs::write(node.join("db/new-sst"), b"x"));
+        enospc(std::fs::create_dir(node.join("db/sub")));
+        // Reads, fsyncs and deletions still work; the spared log and other nodes' disks too.
+        assert_eq!(std::fs::read(node.join("db/wal")).unwrap(), b"before");
+        wal.sync_all().unwrap();
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(node.join("node.log"))
+            .unwrap()
+            .write_all(b"+stopping")
+            .unwrap();
+        std::fs::write(dir.path().join("node-2/wal"), b"fine").unwrap();
+        assert!(fs.refused() >= 3);
+
+        assert!(fs.free_space() >= 3);
+        assert_eq!(fs.refused(), 0);
+        wal.write_all(b"+after").unwrap();
+        std::fs::write(node.join("db/new-sst"), b"x").unwrap();
+        assert_eq!(std::fs::read(node.join("db/wal")).unwrap(), b"before+after");
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! The directory tree: inodes, each directory's entries as processes see them and as they would
 //! be found after a power loss, and the fsyncs held unanswered.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ffi::{OsStr, OsString};
 use std::path::{Component, Path};
 use std::time::SystemTime;
@@ -21,6 +21,11 @@ pub(super) struct State {
     /// Fsync requests held unanswered ([`LossyFs::hold_syncs`](super::LossyFs::hold_syncs)):
     /// each one's inode and reply. `None`: fsyncs are answered at once.
     pub(super) held: Option<Vec<(u64, ReplyEmpty)>>,
+    /// Files and directories on a full disk ([`LossyFs::fill`](super::LossyFs::fill)): writes
+    /// to them and new names in them fail with `ENOSPC`.
+    pub(super) full: HashSet<u64>,
+    /// How many requests `full` refused.
+    pub(super) refused: usize,
 }
 
 pub(super) struct Inode {
@@ -93,6 +98,8 @@ impl State {
             inodes,
             next_ino: ROOT + 1,
             held: None,
+            full: HashSet::new(),
+            refused: 0,
         }
     }
 
@@ -189,6 +196,28 @@ impl State {
         })
     }
 
+    /// `ENOSPC` if `ino` is on a full disk (see [`State::full`]), counted.
+    pub(super) fn space_for(&mut self, ino: u64) -> Result<(), Errno> {
+        if self.full.contains(&ino) {
+            self.refused += 1;
+            return Err(Errno::ENOSPC);
+        }
+        Ok(())
+    }
+
+    /// Directory `ino` and everything its current entries name, recursively.
+    pub(super) fn below(&self, ino: u64) -> Vec<u64> {
+        let mut found = Vec::new();
+        let mut stack = vec![ino];
+        while let Some(ino) = stack.pop() {
+            found.push(ino);
+            if let Ok(entries) = self.dir(ino) {
+                stack.extend(entries.values().copied());
+            }
+        }
+        found
+    }
+
     /// Adds a new inode named `name` in `parent`.
     pub(super) fn insert(
         &mut self,
@@ -200,6 +229,7 @@ impl State {
         if self.dir(parent)?.contains_key(name) {
             return Err(Errno::EEXIST);
         }
+        self.space_for(parent)?;
         let ino = self.next_ino;
         self.next_ino += 1;
         self.inodes.insert(ino, Inode::new(body, perm));

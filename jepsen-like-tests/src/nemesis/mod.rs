@@ -28,9 +28,12 @@
 //!   the hold and 2 s more: a leader whose clock runs slow believes its lease lasts longer than
 //!   its followers wait before electing another. A fast one only runs fast (its timers fire
 //!   early). At heal it restarts with the true clock;
+//! - `disk-full`: every write to one node's data directory fails with `ENOSPC` (the cluster
+//!   runs on [`crate::lossy_fs`]): the node must stop on its own, cleanly, and once restarted
+//!   with space recover and catch up;
 //! - `mixed`: any of kill, pause, membership, bounce, restart, transfer, snapshot, crash (and
-//!   power loss with `--lossy-fs`, partition where it can run, latency with `--slow-net`, clock
-//!   where libfaketime is installed), chosen per cycle.
+//!   power loss and full disks with `--lossy-fs`, partition where it can run, latency with
+//!   `--slow-net`, clock where libfaketime is installed), chosen per cycle.
 //!
 //! - `partition`: cut links between nodes (see [`crate::net`]): isolate one node, isolate a shard
 //!   leader, majority / minority, random packet loss, and with 5 nodes the majorities ring and the
@@ -41,10 +44,11 @@
 //!   one link; or every link with jitter, as between distant sites. Same namespace.
 //!
 //! Modules, one per kind of fault, each driven through `Run`: `process` (kill, pause, bounce,
-//! restart, crash, power loss), `raft` (leadership transfer, forced snapshot), `network`
-//! (partitions, slow links), `skew` (clocks), `membership`, `duplicate`; `targets` picks nodes
-//! and shards.
+//! restart, crash, power loss), `disk` (full disks), `raft` (leadership transfer, forced
+//! snapshot), `network` (partitions, slow links), `skew` (clocks), `membership`, `duplicate`;
+//! `targets` picks nodes and shards.
 
+mod disk;
 mod duplicate;
 mod membership;
 mod network;
@@ -102,9 +106,13 @@ pub enum Nemesis {
     /// given leaderships, then, where partitions can run, cut off from its peers (not from
     /// clients) while its clock is skewed.
     Clock,
+    /// A node's disk is full: every write to its data directory fails with ENOSPC; it must stop
+    /// on its own, and recover once restarted with space (needs FUSE: the cluster runs on the
+    /// harness' in-memory lossy file system).
+    DiskFull,
     /// One of kill, pause, membership, bounce, restart, transfer, snapshot, crash (and power loss
-    /// on the lossy file system, partition where it can run, latency with the delaying proxy,
-    /// clock where libfaketime is installed) per cycle.
+    /// and full disks on the lossy file system, partition where it can run, latency with the
+    /// delaying proxy, clock where libfaketime is installed) per cycle.
     Mixed,
 }
 
@@ -113,6 +121,12 @@ impl Nemesis {
     /// private network namespace (see [`crate::net`]).
     pub fn needs_netns(self) -> bool {
         matches!(self, Nemesis::Partition | Nemesis::Latency)
+    }
+
+    /// Whether it works on the nodes' disks, and so needs the cluster on the lossy file system
+    /// (see [`crate::lossy_fs`]).
+    pub fn needs_lossy_fs(self) -> bool {
+        matches!(self, Nemesis::PowerLoss | Nemesis::DiskFull)
     }
 }
 
@@ -296,6 +310,9 @@ impl Run<'_> {
         if crate::clock::availability().is_ok() {
             kinds.push(Nemesis::Clock);
         }
+        if self.cluster.on_lossy_fs() {
+            kinds.push(Nemesis::DiskFull);
+        }
         kinds[self.rng.random_range(0..kinds.len())]
     }
 
@@ -314,6 +331,7 @@ impl Run<'_> {
             Nemesis::Partition => network::partition(self, shard).await,
             Nemesis::Latency => network::slow_links(self, shard).await,
             Nemesis::Clock => skew::clock(self, shard).await,
+            Nemesis::DiskFull => disk::disk_full(self, shard).await,
             Nemesis::Membership => membership::replace_node(self).await,
             Nemesis::Duplicate => {
                 duplicate::duplicate(self.client, self.recorder, n).await?;

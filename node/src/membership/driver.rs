@@ -14,7 +14,8 @@ use super::meta::{self, Stamped};
 use super::placement::{self, Action, View};
 use super::reconcile;
 use crate::error::KvError;
-use crate::layout::{GroupId, Layout, NodeSpec, META_GROUP};
+use crate::layout::{group_name, GroupId, Layout, NodeSpec, META_GROUP};
+use crate::raft::hand_over::MAX_SUCCESSOR_LAG;
 use crate::service::NodeState;
 
 /// Pause between two rounds.
@@ -93,23 +94,61 @@ pub async fn survey(node: &Arc<NodeState>, layout: &Layout) -> View {
     replies.push((me, Some(describe(node))));
 
     let mut alive = BTreeSet::new();
+    // Every replica's report: (group, node) -> (term, last log index).
+    let mut reports: BTreeMap<(GroupId, u64), (u64, u64)> = BTreeMap::new();
     // group -> (term, leader): the highest term wins over a stale leader's claim.
     let mut leaders: BTreeMap<GroupId, (u64, u64)> = BTreeMap::new();
     for (id, reply) in replies {
         let Some(reply) = reply else { continue };
         alive.insert(id);
-        for g in reply.groups.iter().filter(|g| g.role == "leader") {
+        for g in &reply.groups {
+            reports.insert((g.group_id, id), (g.term, g.last_log_index));
+            if g.role != "leader" {
+                continue;
+            }
             let e = leaders.entry(g.group_id).or_insert((g.term, id));
             if g.term > e.0 {
                 *e = (g.term, id);
             }
         }
     }
+    let lagging = lagging_replicas(layout, &alive, &leaders, &reports);
     View {
         layout: layout.clone(),
         alive,
         leaders: leaders.into_iter().map(|(g, (_, l))| (g, l)).collect(),
+        lagging,
     }
+}
+
+/// The live replicas that could not take their group's leadership now (see
+/// [`View::lagging`](placement::View::lagging)): no report of the group in its leader's term, or
+/// a log more than [`MAX_SUCCESSOR_LAG`] entries behind the leader's.
+fn lagging_replicas(
+    layout: &Layout,
+    alive: &BTreeSet<u64>,
+    leaders: &BTreeMap<GroupId, (u64, u64)>,
+    reports: &BTreeMap<(GroupId, u64), (u64, u64)>,
+) -> BTreeSet<(GroupId, u64)> {
+    let mut lagging = BTreeSet::new();
+    for (&group, &(term, leader)) in leaders {
+        let Some(&(_, leader_log)) = reports.get(&(group, leader)) else {
+            continue;
+        };
+        let replicas = layout.replicas(group).unwrap_or_default();
+        for &r in replicas
+            .iter()
+            .filter(|r| **r != leader && alive.contains(r))
+        {
+            let ready = reports.get(&(group, r)).is_some_and(|&(t, log)| {
+                t == term && log.saturating_add(MAX_SUCCESSOR_LAG) >= leader_log
+            });
+            if !ready {
+                lagging.insert((group, r));
+            }
+        }
+    }
+    lagging
 }
 
 /// Sends `layout` (JSON) to node `target`; returns its self-description.
@@ -224,7 +263,9 @@ async fn continue_move(
         let to = voters
             .iter()
             .copied()
-            .find(|v| *v != leader && *v != mv.to && view.alive.contains(v))
+            .find(|v| {
+                *v != leader && *v != mv.to && view.alive.contains(v) && view.can_lead(group, *v)
+            })
             .ok_or("no replica to hand the leadership to")?;
         transfer_at(node, leader, group, to).await?;
         node.placement_events.push(format!(
@@ -265,14 +306,6 @@ async fn continue_move(
     Ok(())
 }
 
-fn group_name(group: GroupId) -> String {
-    if group == META_GROUP {
-        "meta group".into()
-    } else {
-        format!("shard {group}")
-    }
-}
-
 /// Makes `group`'s voters `voters`, at its leader `target` (locally when that is this node).
 async fn set_voters_at(
     node: &NodeState,
@@ -302,10 +335,13 @@ async fn set_voters_at(
 async fn transfer_at(node: &NodeState, target: u64, group: GroupId, to: u64) -> Result<(), String> {
     if target == node.id() {
         let g = node.group(group).map_err(|e| e.to_string())?;
-        return match g.hand_over_leadership(to, TRANSFER_TIMEOUT).await {
-            true => Ok(()),
-            false => Err(format!("leadership of group {group} did not move to {to}")),
-        };
+        return g
+            .hand_over_leadership(
+                to,
+                node.raft_timings.successor_freshness(),
+                TRANSFER_TIMEOUT,
+            )
+            .await;
     }
     let mut client = node.pool.peer(target)?;
     let mut req = tonic::Request::new(TransferLeadershipRequest {
@@ -327,5 +363,48 @@ pub fn node_info(n: &NodeSpec) -> NodeInfo {
         client_addr: n.client_addr.clone(),
         peer_addr: n.peer_addr.clone(),
         state: n.phase.name().into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layout::NodePhase;
+
+    fn layout() -> Layout {
+        let node = |id: u64| NodeSpec {
+            id,
+            client_addr: format!("c{id}"),
+            peer_addr: format!("p{id}"),
+            phase: NodePhase::Active,
+        };
+        Layout::initial((1..=3).map(node).collect(), 1, 3)
+    }
+
+    #[test]
+    fn replicas_behind_or_in_an_old_term_or_silent_are_lagging() {
+        let layout = layout();
+        let alive: BTreeSet<u64> = [1, 2, 3].into();
+        // Shard 1, led by node 1 in term 5 at log index 1 000.
+        let leaders = BTreeMap::from([(1, (5, 1))]);
+        let mut reports = BTreeMap::from([
+            ((1, 1), (5, 1_000)),
+            ((1, 2), (5, 1_000 - MAX_SUCCESSOR_LAG)),
+            ((1, 3), (5, 990)),
+        ]);
+        let lagging = |reports: &_| lagging_replicas(&layout, &alive, &leaders, reports);
+        assert!(lagging(&reports).is_empty());
+        reports.insert((1, 2), (5, 1_000 - MAX_SUCCESSOR_LAG - 1));
+        assert_eq!(lagging(&reports), [(1, 2)].into());
+        // A replica whose Raft instance stopped keeps reporting its old term.
+        reports.insert((1, 2), (5, 1_000));
+        reports.insert((1, 3), (4, 1_000));
+        assert_eq!(lagging(&reports), [(1, 3)].into());
+        // A replica that does not report the group at all (not started yet).
+        reports.remove(&(1, 3));
+        assert_eq!(lagging(&reports), [(1, 3)].into());
+        // A node that did not answer is not alive, which the view says on its own.
+        let alive: BTreeSet<u64> = [1, 2].into();
+        assert!(lagging_replicas(&layout, &alive, &leaders, &reports).is_empty());
     }
 }

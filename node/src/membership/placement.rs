@@ -30,6 +30,10 @@ pub struct View {
     pub alive: BTreeSet<u64>,
     /// The leader of each group, as its leader reported.
     pub leaders: BTreeMap<GroupId, u64>,
+    /// Replicas (group, node) that cannot take their group's leadership now: they did not report
+    /// the group in its leader's term, or are far behind the leader's log (catching up after a
+    /// restart, say). A leadership handed to one would only stall the group until an election.
+    pub lagging: BTreeSet<(GroupId, u64)>,
 }
 
 /// One step of the placement driver.
@@ -84,6 +88,11 @@ impl View {
             .collect();
         v.sort_by_key(|id| (self.layout.shard_count_on(*id), *id));
         v
+    }
+
+    /// Whether `node` could take `group`'s leadership now (see [`View::lagging`]).
+    pub fn can_lead(&self, group: GroupId, node: u64) -> bool {
+        !self.lagging.contains(&(group, node))
     }
 
     fn leader_count(&self, node: u64) -> usize {
@@ -177,7 +186,10 @@ fn leader_action(v: &View) -> Option<Action> {
     by_leaders.sort_by_key(|n| (v.leader_count(*n), *n));
     for (&g, &leader) in &v.leaders {
         if v.draining(leader) {
-            if let Some(&to) = by_leaders.iter().find(|n| replicas_of(g).contains(n)) {
+            if let Some(&to) = by_leaders
+                .iter()
+                .find(|n| replicas_of(g).contains(n) && v.can_lead(g, **n))
+            {
                 return Some(Action::TransferLeader {
                     group: g,
                     from: leader,
@@ -197,10 +209,11 @@ fn leader_action(v: &View) -> Option<Action> {
         if v.leader_count(most) <= v.leader_count(least) + 1 {
             break;
         }
-        let shard = l
-            .shards
-            .iter()
-            .find(|s| v.leaders.get(&s.id) == Some(&most) && s.replicas.contains(&least));
+        let shard = l.shards.iter().find(|s| {
+            v.leaders.get(&s.id) == Some(&most)
+                && s.replicas.contains(&least)
+                && v.can_lead(s.id, least)
+        });
         if let Some(s) = shard {
             return Some(Action::TransferLeader {
                 group: s.id,
@@ -286,6 +299,7 @@ mod tests {
             layout,
             alive,
             leaders,
+            lagging: BTreeSet::new(),
         }
     }
 
@@ -342,6 +356,52 @@ mod tests {
         assert_eq!(v.layout.meta_replicas.len(), 3);
         assert!(v.layout.shards.iter().all(|s| s.replicas.len() == 3));
         assert!(v.leaders.values().all(|l| *l != 1));
+    }
+
+    #[test]
+    fn a_lagging_replica_is_not_given_a_leadership() {
+        // Node 3 leads nothing (as after a restart): its leaderships went to nodes 1 and 2.
+        let mut v = view(layout(3, 8));
+        for (g, leader) in v.leaders.iter_mut().filter(|(_, l)| **l == 3) {
+            *leader = if g % 2 == 0 { 1 } else { 2 };
+        }
+        let to_node_3 = |v: &View| match next_action(v) {
+            Some(Action::TransferLeader { group, to: 3, .. }) => Some(group),
+            other => panic!("expected a leadership for node 3, got {other:?}"),
+        };
+        let first = to_node_3(&v).unwrap();
+        // While that replica catches up, another shard's leadership goes to node 3 instead;
+        // while all of node 3's replicas do, none.
+        v.lagging.insert((first, 3));
+        let second = to_node_3(&v).unwrap();
+        assert_ne!(first, second);
+        v.lagging = v.layout.group_ids().map(|g| (g, 3)).collect();
+        assert_eq!(next_action(&v), None);
+    }
+
+    #[test]
+    fn a_draining_leader_hands_over_only_to_a_replica_that_can_lead() {
+        let mut l = layout(3, 8);
+        l.nodes[0].phase = NodePhase::Draining;
+        let mut v = view(l);
+        // Node 1 leads shard 1 only; its other replicas are 2 and 3.
+        for (g, leader) in v.leaders.iter_mut() {
+            *leader = if *g == 1 { 1 } else { 2 };
+        }
+        let drain_to = |v: &View| match leader_action(v) {
+            Some(Action::TransferLeader {
+                group: 1,
+                from: 1,
+                to,
+                why: "drain",
+            }) => Some(to),
+            _ => None,
+        };
+        assert_eq!(drain_to(&v), Some(3), "the one with fewer leaderships");
+        v.lagging.insert((1, 3));
+        assert_eq!(drain_to(&v), Some(2));
+        v.lagging.insert((1, 2));
+        assert_eq!(drain_to(&v), None, "nobody can take over: wait");
     }
 
     #[test]

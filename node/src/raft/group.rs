@@ -9,18 +9,19 @@ use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use openraft::error::{ClientWriteError, RaftError};
+use openraft::error::{ClientWriteError, Fatal, RaftError};
 use openraft::raft::linearizable_read::LinearizerOption;
 use openraft::type_config::async_runtime::watch::WatchReceiver;
 use openraft::{BasicNode, ChangeMembers, Config, ReadPolicy, ServerState, SnapshotPolicy};
 use openraft_multi::GroupNetworkFactory;
 use strata_proto::v1::GroupStatus;
+use tokio::sync::watch;
 
 use super::network::{NetworkFactory, PeerPool};
 use super::read_batch::{linearize_once, ReadBatcher};
 use super::types::{Command, Outcome, TypeConfig};
 use crate::config::RaftTimings;
-use crate::layout::{GroupId, NodeSpec};
+use crate::layout::{group_name, GroupId, NodeSpec};
 use crate::storage::install::Installs;
 use crate::storage::{Engine, LogStore, StateMachine};
 
@@ -315,21 +316,47 @@ impl Group {
 }
 
 /// Every group hosted on this node, by id.
-#[derive(Default)]
 pub struct Groups {
     /// A `std` lock: held only to clone an `Arc`, never across an await.
     map: RwLock<HashMap<GroupId, Arc<Group>>>,
+    /// Why the first group to fail stopped (see [`Groups::failed`]); `None` while none has.
+    failure: watch::Sender<Option<String>>,
+}
+
+impl Default for Groups {
+    fn default() -> Self {
+        Groups {
+            map: RwLock::default(),
+            failure: watch::Sender::new(None),
+        }
+    }
 }
 
 impl Groups {
-    /// Registers a started group.
+    /// Registers a started group and starts watching it for a failure.
     pub fn insert(&self, group: Group) -> Arc<Group> {
         let g = Arc::new(group);
         self.map
             .write()
             .expect("groups poisoned")
             .insert(g.id, g.clone());
+        tokio::spawn(report_failure(g.id, g.raft.metrics(), self.failure.clone()));
         g
+    }
+
+    /// Resolves once a hosted group's Raft instance has stopped on its own — a storage error
+    /// (a full disk, a failing device) or a panic — with a one-line reason. Such a group no
+    /// longer votes, appends or applies, yet its node would go on answering the survey and
+    /// holding leases on peers' connections; the node stops instead (fail-stop, as etcd and TiKV
+    /// do), so that the cluster routes around it and the operator sees a node down.
+    pub async fn failed(&self) -> String {
+        let mut failure = self.failure.subscribe();
+        let why = match failure.wait_for(Option::is_some).await {
+            Ok(why) => why.clone().unwrap_or_default(),
+            // The sender lives as long as `self`.
+            Err(_) => std::future::pending().await,
+        };
+        why
     }
 
     /// Unregisters group `id` (the caller shuts it down).
@@ -353,5 +380,33 @@ impl Groups {
             .collect();
         v.sort_by_key(|g| g.id);
         v
+    }
+}
+
+/// Watches group `id`'s metrics until its Raft instance stops; a stop other than a requested
+/// shutdown is recorded in `failure` (the first one wins).
+async fn report_failure(
+    id: GroupId,
+    mut metrics: openraft::type_config::alias::WatchReceiverOf<
+        TypeConfig,
+        openraft::RaftMetrics<TypeConfig>,
+    >,
+    failure: watch::Sender<Option<String>>,
+) {
+    loop {
+        let state = metrics.borrow_watched().running_state.clone();
+        match state {
+            Ok(()) => {}
+            Err(Fatal::Stopped) => return,
+            Err(_) if crate::planted::active(crate::planted::Bug::NoFailStop) => return,
+            Err(e) => {
+                let why = format!("the Raft group of {} stopped: {e}", group_name(id));
+                failure.send_if_modified(|f| f.is_none() && f.replace(why).is_none());
+                return;
+            }
+        }
+        if metrics.changed().await.is_err() {
+            return;
+        }
     }
 }

@@ -15,6 +15,7 @@ use openraft::type_config::async_runtime::watch::WatchReceiver;
 use openraft::Instant as _;
 
 use super::group::Group;
+use crate::layout::group_name;
 
 /// How often a hand-over checks whether its successor is still reachable.
 const TARGET_CHECK_INTERVAL: Duration = Duration::from_millis(20);
@@ -40,6 +41,19 @@ pub(crate) fn choose_successor(candidates: &[Candidate], fresh: Duration) -> Opt
         .map(|c| c.id)
 }
 
+/// How far behind the leader's log a voter may be and still be handed the leadership when an
+/// operator or the placement driver names it: further behind, it would have to catch up before
+/// it could win, while the leader, having handed over, no longer sends heartbeats — the group
+/// would sit out an election instead.
+pub(crate) const MAX_SUCCESSOR_LAG: u64 = 100;
+
+/// Whether `c` can take over at once from a leader whose log ends at `last_log`: heard from
+/// within `fresh` and at most [`MAX_SUCCESSOR_LAG`] entries behind.
+pub(crate) fn ready_to_lead(c: &Candidate, last_log: u64, fresh: Duration) -> bool {
+    c.ack_age.is_some_and(|age| age <= fresh)
+        && c.matched.unwrap_or(0).saturating_add(MAX_SUCCESSOR_LAG) >= last_log
+}
+
 /// How a hand-over ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum HandOver {
@@ -53,6 +67,8 @@ pub enum HandOver {
     SuccessorLost(u64),
     /// Leadership had not moved when the time was up.
     TimedOut(u64),
+    /// The named successor was not heard from recently or is too far behind: nothing was done.
+    NotReady(u64),
     /// The group's Raft instance stopped.
     Stopped,
 }
@@ -97,14 +113,39 @@ impl Group {
         }
     }
 
-    /// If this node leads the group, hands leadership to `to` and waits up to `timeout` for it to
-    /// move. True when another node leads (or this one did not). For moves the operator or the
-    /// placement driver asked for.
-    pub async fn hand_over_leadership(&self, to: u64, timeout: Duration) -> bool {
-        matches!(
-            self.move_leadership(to, timeout, |_| false).await,
-            HandOver::NotLeader | HandOver::Moved(_)
-        )
+    /// If this node leads the group, hands leadership to `to` — provided `to` can take over at
+    /// once ([`ready_to_lead`] within `fresh`) — and waits up to `timeout` for it to move. `Ok`
+    /// when another node leads (or this one did not), else why not. For moves the operator or
+    /// the placement driver asked for.
+    pub async fn hand_over_leadership(
+        &self,
+        to: u64,
+        fresh: Duration,
+        timeout: Duration,
+    ) -> Result<(), String> {
+        let last_log = self.raft().metrics().borrow_watched().last_log_index;
+        let ready = self
+            .hand_over_candidates()
+            .iter()
+            .any(|c| c.id == to && ready_to_lead(c, last_log.unwrap_or(0), fresh));
+        let outcome = if !self.is_leader() {
+            HandOver::NotLeader
+        } else if !ready {
+            HandOver::NotReady(to)
+        } else {
+            self.move_leadership(to, timeout, |_| false).await
+        };
+        match outcome {
+            HandOver::NotLeader | HandOver::Moved(_) => Ok(()),
+            HandOver::NotReady(_) => Err(format!(
+                "node {to} is not ready to lead {}: not heard from within {fresh:?}, or more than {MAX_SUCCESSOR_LAG} entries behind",
+                group_name(self.id)
+            )),
+            other => Err(format!(
+                "leadership of {} did not move to node {to} ({other:?})",
+                group_name(self.id)
+            )),
+        }
     }
 
     /// Asks openraft to transfer leadership to `to`, then waits for another leader to be known,
@@ -182,6 +223,20 @@ mod tests {
             choose_successor(&[behind, ahead, ahead_too], FRESH),
             Some(4)
         );
+    }
+
+    #[test]
+    fn a_named_successor_must_be_live_and_nearly_caught_up() {
+        let last_log = 1_000;
+        let live_close = candidate(2, Some(10), Some(last_log - MAX_SUCCESSOR_LAG));
+        assert!(ready_to_lead(&live_close, last_log, FRESH));
+        let live_far = candidate(2, Some(10), Some(last_log - MAX_SUCCESSOR_LAG - 1));
+        assert!(!ready_to_lead(&live_far, last_log, FRESH));
+        let silent_caught_up = candidate(2, Some(5_000), Some(last_log));
+        assert!(!ready_to_lead(&silent_caught_up, last_log, FRESH));
+        let never_replicated = candidate(2, Some(10), None);
+        assert!(!ready_to_lead(&never_replicated, last_log, FRESH));
+        assert!(ready_to_lead(&never_replicated, 50, FRESH));
     }
 
     #[test]

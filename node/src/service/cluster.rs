@@ -145,10 +145,14 @@ impl Cluster for ClusterService {
             ))
             .into());
         }
-        if !group.hand_over_leadership(req.to, ADMIN_TIMEOUT).await {
+        let fresh = self.node.raft_timings.successor_freshness();
+        if let Err(reason) = group
+            .hand_over_leadership(req.to, fresh, ADMIN_TIMEOUT)
+            .await
+        {
             return Err(KvError::Unavailable {
                 shard: req.shard_id,
-                reason: format!("leadership did not move to node {} in time", req.to),
+                reason,
             }
             .into());
         }

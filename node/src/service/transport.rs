@@ -273,12 +273,11 @@ impl Raft for TransportService {
     ) -> Result<Response<AdminReply>, Status> {
         let req = req.into_inner();
         let (_hold, group) = admit(&self.node, req.group_id).await?;
-        if !group.hand_over_leadership(req.to, TRANSFER_TIMEOUT).await {
-            return Err(Status::unavailable(format!(
-                "leadership of group {} did not move to node {}",
-                req.group_id, req.to
-            )));
-        }
+        let fresh = self.node.raft_timings.successor_freshness();
+        group
+            .hand_over_leadership(req.to, fresh, TRANSFER_TIMEOUT)
+            .await
+            .map_err(Status::unavailable)?;
         Ok(Response::new(AdminReply {}))
     }
 }
