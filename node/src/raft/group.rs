@@ -346,11 +346,12 @@ impl Groups {
 
     /// Resolves once a hosted group's Raft instance has stopped on its own — a storage error
     /// (a full disk, a failing device) or a panic — with a one-line reason. Such a group no
-    /// longer votes, appends or applies, yet its node would go on answering the survey and
-    /// holding leases on peers' connections; the node stops instead (fail-stop, as etcd and TiKV
-    /// do), so that the cluster routes around it and the operator sees a node down.
+    /// longer votes, appends or applies, yet its node would go on answering clients, peers and
+    /// the placement driver's survey as if it were fine; the node stops instead (fail-stop, as
+    /// etcd and TiKV do), so that the cluster routes around it and the operator sees it down.
     pub async fn failed(&self) -> String {
         let mut failure = self.failure.subscribe();
+        // Bound to a local so the borrow of `failure` ends before it is dropped.
         let why = match failure.wait_for(Option::is_some).await {
             Ok(why) => why.clone().unwrap_or_default(),
             // The sender lives as long as `self`.

@@ -114,9 +114,9 @@ impl Group {
     }
 
     /// If this node leads the group, hands leadership to `to` — provided `to` can take over at
-    /// once ([`ready_to_lead`] within `fresh`) — and waits up to `timeout` for it to move. `Ok`
-    /// when another node leads (or this one did not), else why not. For moves the operator or
-    /// the placement driver asked for.
+    /// once (heard from within `fresh`, at most `MAX_SUCCESSOR_LAG` entries behind) — and waits
+    /// up to `timeout` for it to move. `Ok` when another node leads (or this one did not), else
+    /// why not. For moves the operator or the placement driver asked for.
     pub async fn hand_over_leadership(
         &self,
         to: u64,
