@@ -15,7 +15,7 @@ use super::placement::{self, Action, View};
 use super::reconcile;
 use crate::error::KvError;
 use crate::layout::{group_name, GroupId, Layout, NodeSpec, META_GROUP};
-use crate::raft::hand_over::MAX_SUCCESSOR_LAG;
+use crate::raft::hand_over::close_enough_to_lead;
 use crate::service::NodeState;
 
 /// Pause between two rounds.
@@ -123,7 +123,7 @@ pub async fn survey(node: &Arc<NodeState>, layout: &Layout) -> View {
 
 /// The live replicas that could not take their group's leadership now (see
 /// [`View::lagging`](placement::View::lagging)): no report of the group in its leader's term, or
-/// a log more than [`MAX_SUCCESSOR_LAG`] entries behind the leader's.
+/// a log more than `MAX_SUCCESSOR_LAG` entries behind the leader's.
 fn lagging_replicas(
     layout: &Layout,
     alive: &BTreeSet<u64>,
@@ -140,9 +140,9 @@ fn lagging_replicas(
             .iter()
             .filter(|r| **r != leader && alive.contains(r))
         {
-            let ready = reports.get(&(group, r)).is_some_and(|&(t, log)| {
-                t == term && log.saturating_add(MAX_SUCCESSOR_LAG) >= leader_log
-            });
+            let ready = reports
+                .get(&(group, r))
+                .is_some_and(|&(t, log)| t == term && close_enough_to_lead(log, leader_log));
             if !ready {
                 lagging.insert((group, r));
             }
@@ -370,6 +370,7 @@ pub fn node_info(n: &NodeSpec) -> NodeInfo {
 mod tests {
     use super::*;
     use crate::layout::NodePhase;
+    use crate::raft::hand_over::MAX_SUCCESSOR_LAG;
 
     fn layout() -> Layout {
         let node = |id: u64| NodeSpec {

@@ -51,7 +51,13 @@ pub(crate) const MAX_SUCCESSOR_LAG: u64 = 100;
 /// within `fresh` and at most [`MAX_SUCCESSOR_LAG`] entries behind.
 pub(crate) fn ready_to_lead(c: &Candidate, last_log: u64, fresh: Duration) -> bool {
     c.ack_age.is_some_and(|age| age <= fresh)
-        && c.matched.unwrap_or(0).saturating_add(MAX_SUCCESSOR_LAG) >= last_log
+        && close_enough_to_lead(c.matched.unwrap_or(0), last_log)
+}
+
+/// Whether a replica whose log reaches `log` is at most [`MAX_SUCCESSOR_LAG`] entries behind a
+/// leader whose log ends at `leader_log`. Shared by the leader's check and the placement driver's.
+pub(crate) fn close_enough_to_lead(log: u64, leader_log: u64) -> bool {
+    log.saturating_add(MAX_SUCCESSOR_LAG) >= leader_log
 }
 
 /// How a hand-over ended.
@@ -123,14 +129,15 @@ impl Group {
         fresh: Duration,
         timeout: Duration,
     ) -> Result<(), String> {
-        let last_log = self.raft().metrics().borrow_watched().last_log_index;
-        let ready = self
-            .hand_over_candidates()
-            .iter()
-            .any(|c| c.id == to && ready_to_lead(c, last_log.unwrap_or(0), fresh));
+        let ready = || {
+            let last_log = self.raft().metrics().borrow_watched().last_log_index;
+            self.hand_over_candidates()
+                .iter()
+                .any(|c| c.id == to && ready_to_lead(c, last_log.unwrap_or(0), fresh))
+        };
         let outcome = if !self.is_leader() {
             HandOver::NotLeader
-        } else if !ready {
+        } else if !ready() {
             HandOver::NotReady(to)
         } else {
             self.move_leadership(to, timeout, |_| false).await
