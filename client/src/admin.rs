@@ -59,6 +59,7 @@ impl Client {
             .shard(shard)
             .ok_or_else(|| Error::InvalidArgument(format!("unknown shard {shard}")))?;
         let mut last = String::from("no replica answered");
+        let mut kept_refusal = false;
         for node in &route.replicas {
             let Some(addr) = table.nodes.get(node) else {
                 continue;
@@ -72,7 +73,13 @@ impl Client {
                 Ok(_) => return Ok(()),
                 Err(s) => match classify(&s, false) {
                     Verdict::Fail(e) => return Err(e),
-                    _ => last = format!("{addr}: {}", s.message()),
+                    // A refusal (the leader's reason, an unreachable node) says more than the
+                    // "not the leader" of the replicas asked after it.
+                    Verdict::NotLeader(_) if kept_refusal => {}
+                    verdict => {
+                        kept_refusal = !matches!(verdict, Verdict::NotLeader(_));
+                        last = format!("{addr}: {}", s.message());
+                    }
                 },
             }
         }

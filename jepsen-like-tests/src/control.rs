@@ -217,6 +217,13 @@ impl Cluster {
         self.lossy_fs()?.fill(&node_dir, &[Path::new(NODE_LOG)])
     }
 
+    /// Slows node `id`'s disk down: every fsync in its data directory is answered `by` late
+    /// until the next [`heal`](Self::heal). Needs a cluster started with `lossy`.
+    pub fn slow_disk(&mut self, id: u64, by: Duration) -> anyhow::Result<()> {
+        let node_dir = self.node_dir_on_lossy_fs(id)?;
+        self.lossy_fs()?.slow_down(&node_dir, by)
+    }
+
     /// Node `id`'s data directory as the lossy file system names it: relative to the cluster
     /// directory, where it is mounted.
     fn node_dir_on_lossy_fs(&self, id: u64) -> anyhow::Result<PathBuf> {
@@ -394,6 +401,7 @@ impl Cluster {
     pub fn heal(&mut self) -> anyhow::Result<()> {
         if let Some(fs) = &self.lossy {
             fs.free_space();
+            fs.restore_speed();
         }
         if std::mem::take(&mut self.partitioned) {
             crate::net::heal()?;

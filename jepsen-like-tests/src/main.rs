@@ -80,7 +80,8 @@ struct RunArgs {
     #[arg(long, value_enum, default_value = "linearizable")]
     reads: ReadLevel,
     /// Run the cluster on the in-memory lossy file system (needs FUSE), so that `mixed` also
-    /// cuts power and fills disks; implied by `--nemesis power-loss` and `--nemesis disk-full`.
+    /// cuts power, fills disks and slows them down; implied by `--nemesis power-loss`,
+    /// `disk-full` and `slow-disk`.
     #[arg(long)]
     lossy_fs: bool,
     /// Run every connection between nodes through the harness' delaying proxy (needs a network

@@ -91,6 +91,12 @@ pub fn ci_matrix() -> Vec<Scenario> {
             15,
         ),
         s(
+            "register-slow-disk",
+            Workload::Register,
+            Nemesis::SlowDisk,
+            15,
+        ),
+        s(
             "register-duplicate",
             Workload::Register,
             Nemesis::Duplicate,
@@ -207,6 +213,16 @@ pub fn ci_matrix() -> Vec<Scenario> {
                 "planted-no-fail-stop",
                 Workload::Register,
                 Nemesis::DiskFull,
+                10,
+            )
+        },
+        Scenario {
+            planted_bug: Some("blocking-synced-writes"),
+            expect_valid: false,
+            ..s(
+                "planted-blocking-synced-writes",
+                Workload::Register,
+                Nemesis::SlowDisk,
                 10,
             )
         },

@@ -39,6 +39,12 @@ pub enum Bug {
     /// running, as it did before fail-stop was built: the node keeps answering peers and clients
     /// with groups that no longer append, vote or apply. Only the full-disk nemesis finds it.
     NoFailStop,
+    /// `blocking-synced-writes`: a Raft vote and the layout are stored with a synced RocksDB
+    /// write on the calling thread, as before [`crate::storage::Engine::write_durable`]: the
+    /// write holds RocksDB's write queue for its fsync, so on a slow disk every apply and append
+    /// behind it, and the async runtime's threads they run on, wait too. Only the slow-disk
+    /// nemesis finds it (as a stall).
+    BlockingSyncedWrites,
 }
 
 #[cfg(feature = "planted-bugs")]
@@ -53,6 +59,7 @@ impl Bug {
             Bug::ShortAppendTimeout => "short-append-timeout",
             Bug::StrictWalRecovery => "strict-wal-recovery",
             Bug::NoFailStop => "no-fail-stop",
+            Bug::BlockingSyncedWrites => "blocking-synced-writes",
         }
     }
 }

@@ -45,7 +45,7 @@ const LEADERSHIP_HANDOVER_TIMEOUT: Duration = Duration::from_secs(2);
 pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     let engine = Engine::open(&config.data_dir.join("db"), config.memory_budget_bytes)
         .with_context(|| format!("open storage in {}", config.data_dir.display()))?;
-    let (id, layout, first_boot) = identity(&config, &engine)?;
+    let (id, layout, first_boot) = identity(&config, &engine).await?;
     tracing::info!(
         node = id,
         first_boot,
@@ -167,7 +167,10 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> anyh
 /// This node's id and the layout to start with: the stored ones after a restart; at first
 /// start, the bootstrap layout from `--initial-cluster`, or none for a node started with
 /// `--join` (it waits for `strata node add`). Returns whether this is a bootstrap.
-fn identity(config: &NodeConfig, engine: &Engine) -> anyhow::Result<(u64, Option<Layout>, bool)> {
+async fn identity(
+    config: &NodeConfig,
+    engine: &Engine,
+) -> anyhow::Result<(u64, Option<Layout>, bool)> {
     let stored_id = engine.load_node_id()?;
     if let Some(layout) = engine.load_layout()? {
         // Clusters bootstrapped before ids were stored have the flag id only.
@@ -188,7 +191,7 @@ fn identity(config: &NodeConfig, engine: &Engine) -> anyhow::Result<(u64, Option
         config.shards,
         config.replication,
     );
-    engine.save_identity(config.id, &layout)?;
+    engine.save_identity(config.id, &layout).await?;
     Ok((config.id, Some(layout), true))
 }
 

@@ -1,8 +1,9 @@
 //! The FUSE side: the kernel's requests, served from the tree.
 
 use std::ffi::OsStr;
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, SystemTime};
+use std::sync::mpsc::Receiver;
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::{Duration, Instant, SystemTime};
 
 use fuser::{
     Errno, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, OpenFlags,
@@ -11,7 +12,7 @@ use fuser::{
 };
 
 use super::content::{Content, PAGE};
-use super::tree::{Body, Dir, State};
+use super::tree::{Body, Dir, LateSync, State};
 
 /// The kernel must ask again every time: sizes and contents change under it at a power loss.
 const NO_CACHE: Duration = Duration::ZERO;
@@ -24,6 +25,23 @@ pub(super) struct Shared {
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().expect("lossy fs poisoned")
+    }
+}
+
+/// Carries out and answers the fsyncs of slow disks as each falls due, in the order they came
+/// (they all wait equally long), until the file system is dropped. On its own thread: the FUSE
+/// session's one thread keeps serving every other request meanwhile.
+pub(super) fn answer_late(state: Weak<Mutex<State>>, late: Receiver<LateSync>) {
+    while let Ok(LateSync { due, ino, reply }) = late.recv() {
+        std::thread::sleep(due.saturating_duration_since(Instant::now()));
+        let Some(state) = state.upgrade() else {
+            return reply.error(Errno::EIO);
+        };
+        let result = state.lock().expect("lossy fs poisoned").sync(ino);
+        match result {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
     }
 }
 

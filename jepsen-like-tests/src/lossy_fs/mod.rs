@@ -23,6 +23,10 @@
 //!   granularity). Directory entries are still reverted whole, since journaled metadata does not
 //!   tear.
 //!
+//! Two more disk faults: a full disk ([`LossyFs::fill`]: writes fail with `ENOSPC`) and a slow
+//! one ([`LossyFs::slow_down`]: fsyncs are answered late, by a thread of their own, while every
+//! other request is served at once).
+//!
 //! Files are opened with direct I/O and attributes are never cached by the kernel, so after a
 //! power loss the next reader sees exactly the durable content. Everything lives in the memory
 //! of the harness process: meant for chaos runs of minutes, not for large data.
@@ -30,7 +34,7 @@
 //! Its parts:
 //! - `content`: one file's bytes, as written and as durable, and what a power loss leaves;
 //! - `tree`: the directory tree, its entries as seen and as durable, and the held fsyncs;
-//! - `fuse`: the kernel's requests served from the tree.
+//! - `fuse`: the kernel's requests served from the tree, and the late answers of slow disks.
 
 mod content;
 mod fuse;
@@ -38,6 +42,7 @@ mod tree;
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use fuser::{BackgroundSession, Config, Errno, MountOption};
 use rand::rngs::StdRng;
@@ -56,7 +61,13 @@ pub struct LossyFs {
 impl LossyFs {
     /// Mounts an empty lossy file system at `mountpoint` (an existing, empty directory).
     pub fn mount(mountpoint: &Path) -> anyhow::Result<LossyFs> {
-        let state = Arc::new(Mutex::new(State::new()));
+        let (late, late_syncs) = std::sync::mpsc::channel();
+        let state = Arc::new(Mutex::new(State::new(late)));
+        let weak = Arc::downgrade(&state);
+        std::thread::Builder::new()
+            .name("lossy-fs-late-syncs".into())
+            .spawn(move || fuse::answer_late(weak, late_syncs))
+            .map_err(|e| anyhow::anyhow!("start the lossy file system's late-sync thread: {e}"))?;
         let mut config = Config::default();
         config.mount_options = vec![
             MountOption::FSName("strata-lossy".into()),
@@ -132,6 +143,25 @@ impl LossyFs {
         let mut state = self.state.lock().expect("lossy fs poisoned");
         state.full.clear();
         std::mem::take(&mut state.refused)
+    }
+
+    /// Slows the disk under `dir` (a path relative to the mount point) down: from now on every
+    /// fsync of a file or directory below it, or created below it later, is answered `by` late,
+    /// until [`restore_speed`](Self::restore_speed). Other requests are served at once, and
+    /// other directories' fsyncs too: one slow disk among fast ones, the gray failure that a
+    /// wearing SSD or a noisy neighbour causes.
+    pub fn slow_down(&self, dir: &Path, by: Duration) -> anyhow::Result<()> {
+        let mut state = self.state.lock().expect("lossy fs poisoned");
+        let root = state.resolve(ROOT, dir)?;
+        let below = state.below(root);
+        state.slow.extend(below);
+        state.slow_by = by;
+        Ok(())
+    }
+
+    /// Ends every [`slow_down`](Self::slow_down); fsyncs already waiting are answered when due.
+    pub fn restore_speed(&self) {
+        self.state.lock().expect("lossy fs poisoned").slow.clear();
     }
 
     /// How many requests the full disks have refused since the last
@@ -310,6 +340,54 @@ mod mount_tests {
         wal.write_all(b"+after").unwrap();
         std::fs::write(node.join("db/new-sst"), b"x").unwrap();
         assert_eq!(std::fs::read(node.join("db/wal")).unwrap(), b"before+after");
+    }
+
+    #[test]
+    fn a_slow_disk_answers_fsyncs_below_its_directory_late_and_nothing_else() {
+        let Some((dir, fs)) = mounted() else { return };
+        let node = dir.path().join("node-1");
+        std::fs::create_dir_all(&node).unwrap();
+        std::fs::create_dir_all(dir.path().join("node-2")).unwrap();
+        let late = Duration::from_millis(400);
+        fs.slow_down(Path::new("node-1"), late).unwrap();
+
+        let timed = |f: &dyn Fn()| {
+            let start = std::time::Instant::now();
+            f();
+            start.elapsed()
+        };
+        // Created after the slow-down, below it: slow too. Its write is not.
+        let wal = node.join("wal");
+        let wrote = timed(&|| std::fs::write(&wal, b"data").unwrap());
+        assert!(wrote < late, "writes are served at once ({wrote:?})");
+        let synced = timed(&|| std::fs::File::open(&wal).unwrap().sync_all().unwrap());
+        assert!(synced >= late, "fsync answered after {synced:?}");
+        let dir_synced = timed(&|| std::fs::File::open(&node).unwrap().sync_all().unwrap());
+        assert!(
+            dir_synced >= late,
+            "directory fsync answered after {dir_synced:?}"
+        );
+        // Another node's disk is fast, even while a slow fsync waits.
+        let waiting = {
+            let wal = wal.clone();
+            std::thread::spawn(move || std::fs::File::open(wal).unwrap().sync_all().unwrap())
+        };
+        let other = dir.path().join("node-2/wal");
+        let fast = timed(&|| {
+            std::fs::write(&other, b"x").unwrap();
+            std::fs::File::open(&other).unwrap().sync_all().unwrap();
+        });
+        assert!(fast < late, "other disks are fast ({fast:?})");
+        waiting.join().unwrap();
+
+        // A slow fsync does make the data durable.
+        fs.power_loss(Path::new("node-1"), &[], Unsynced::Dropped)
+            .unwrap();
+        assert_eq!(std::fs::read(&wal).unwrap(), b"data");
+        fs.restore_speed();
+        let synced = timed(&|| std::fs::File::open(&wal).unwrap().sync_all().unwrap());
+        assert!(synced < late, "fast again ({synced:?})");
+        drop(fs);
     }
 
     #[test]

@@ -4,7 +4,8 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ffi::{OsStr, OsString};
 use std::path::{Component, Path};
-use std::time::SystemTime;
+use std::sync::mpsc::Sender;
+use std::time::{Duration, Instant, SystemTime};
 
 use fuser::{Errno, FileAttr, FileType, INodeNo, RenameFlags, ReplyEmpty};
 use rand::rngs::StdRng;
@@ -26,6 +27,20 @@ pub(super) struct State {
     pub(super) full: HashSet<u64>,
     /// How many requests `full` refused.
     pub(super) refused: usize,
+    /// Files and directories on a slow disk ([`LossyFs::slow_down`](super::LossyFs::slow_down)):
+    /// their fsyncs are answered `slow_by` late. What is created in a slow directory is slow too.
+    pub(super) slow: HashSet<u64>,
+    /// How late a slow disk answers an fsync.
+    pub(super) slow_by: Duration,
+    /// Where fsyncs of a slow disk wait out their delay (see `fuse::answer_late`).
+    pub(super) late: Sender<LateSync>,
+}
+
+/// An fsync of a slow disk: carried out and answered once it is due.
+pub(super) struct LateSync {
+    pub(super) due: Instant,
+    pub(super) ino: u64,
+    pub(super) reply: ReplyEmpty,
 }
 
 pub(super) struct Inode {
@@ -91,7 +106,7 @@ impl Dir {
 
 /// A file's bytes as processes see them, and as they would be found after a power loss.
 impl State {
-    pub(super) fn new() -> State {
+    pub(super) fn new(late: Sender<LateSync>) -> State {
         let mut inodes = HashMap::new();
         inodes.insert(ROOT, Inode::new(Body::Dir(Dir::default()), 0o755));
         State {
@@ -100,6 +115,9 @@ impl State {
             held: None,
             full: HashSet::new(),
             refused: 0,
+            slow: HashSet::new(),
+            slow_by: Duration::ZERO,
+            late,
         }
     }
 
@@ -233,6 +251,9 @@ impl State {
         let ino = self.next_ino;
         self.next_ino += 1;
         self.inodes.insert(ino, Inode::new(body, perm));
+        if self.slow.contains(&parent) {
+            self.slow.insert(ino);
+        }
         self.dir_mut(parent)?.insert(name.to_owned(), ino);
         self.touch(parent);
         Ok(ino)
@@ -315,17 +336,26 @@ impl State {
         }
     }
 
-    /// Answers an fsync request, or holds it ([`LossyFs::hold_syncs`](super::LossyFs::hold_syncs)).
+    /// Answers an fsync request, holds it ([`LossyFs::hold_syncs`](super::LossyFs::hold_syncs)),
+    /// or on a slow disk has it answered late.
     pub(super) fn sync_request(&mut self, ino: u64, reply: ReplyEmpty) {
         if let Err(e) = self.get(ino) {
             return reply.error(e);
         }
-        match &mut self.held {
-            Some(held) => held.push((ino, reply)),
-            None => match self.sync(ino) {
-                Ok(()) => reply.ok(),
-                Err(e) => reply.error(e),
-            },
+        if let Some(held) = &mut self.held {
+            return held.push((ino, reply));
+        }
+        if self.slow.contains(&ino) {
+            let due = Instant::now() + self.slow_by;
+            if let Err(unsent) = self.late.send(LateSync { due, ino, reply }) {
+                // Only while the file system is being dropped.
+                unsent.0.reply.error(Errno::EIO);
+            }
+            return;
+        }
+        match self.sync(ino) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
         }
     }
 
@@ -456,7 +486,7 @@ mod tests {
 
     #[test]
     fn a_rename_over_a_file_is_undone_unless_the_directory_was_fsynced() {
-        let mut state = State::new();
+        let mut state = State::new(std::sync::mpsc::channel().0);
         let old = file(&mut state, ROOT, "CURRENT", b"old");
         state.sync_dir(ROOT).unwrap();
         let new = file(&mut state, ROOT, "CURRENT.tmp", b"new");
@@ -492,7 +522,7 @@ mod tests {
 
     #[test]
     fn a_directory_lost_at_a_power_loss_lets_go_of_its_files() {
-        let mut state = State::new();
+        let mut state = State::new(std::sync::mpsc::channel().0);
         let dir = state
             .insert(ROOT, OsStr::new("d"), Body::Dir(Dir::default()), 0o755)
             .unwrap();

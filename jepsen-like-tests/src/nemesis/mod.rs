@@ -31,8 +31,12 @@
 //! - `disk-full`: every write to one node's data directory fails with `ENOSPC` (the cluster
 //!   runs on [`crate::lossy_fs`]): the node must stop on its own, cleanly, and once restarted
 //!   with space recover and catch up;
+//! - `slow-disk`: every fsync in one node's data directory is answered 2 s late (the lossy file
+//!   system again); once the node can have noticed, a leadership is moved between the other two
+//!   replicas of a shard it follows, so that it stores a vote, and another is asked to move to
+//!   it (to be refused): no probe write may wait longer than 1 s meanwhile;
 //! - `mixed`: any of kill, pause, membership, bounce, restart, transfer, snapshot, crash (and
-//!   power loss and full disks with `--lossy-fs`, partition where it can run, latency with
+//!   power loss, full and slow disks with `--lossy-fs`, partition where it can run, latency with
 //!   `--slow-net`, clock where libfaketime is installed), chosen per cycle.
 //!
 //! - `partition`: cut links between nodes (see [`crate::net`]): isolate one node, isolate a shard
@@ -44,14 +48,15 @@
 //!   one link; or every link with jitter, as between distant sites. Same namespace.
 //!
 //! Modules, one per kind of fault, each driven through `Run`: `process` (kill, pause, bounce,
-//! restart, crash, power loss), `disk` (full disks), `raft` (leadership transfer, forced
+//! restart, crash, power loss), `disk` (full and slow disks), `raft` (leadership transfer, forced
 //! snapshot), `network` (partitions, slow links), `skew` (clocks), `membership`, `duplicate`;
-//! `targets` picks nodes and shards.
+//! `targets` picks nodes and shards; `probe` writes probe keys to check that writes are served.
 
 mod disk;
 mod duplicate;
 mod membership;
 mod network;
+mod probe;
 mod process;
 mod raft;
 mod skew;
@@ -110,8 +115,12 @@ pub enum Nemesis {
     /// on its own, and recover once restarted with space (needs FUSE: the cluster runs on the
     /// harness' in-memory lossy file system).
     DiskFull,
-    /// One of kill, pause, membership, bounce, restart, transfer, snapshot, crash (and power loss
-    /// and full disks on the lossy file system, partition where it can run, latency with the
+    /// A node's disk turns slow: every fsync in its data directory is answered late (needs
+    /// FUSE: the cluster runs on the harness' in-memory lossy file system). Writes must keep
+    /// their usual latency once the cluster has had time to notice.
+    SlowDisk,
+    /// One of kill, pause, membership, bounce, restart, transfer, snapshot, crash (and power loss,
+    /// full and slow disks on the lossy file system, partition where it can run, latency with the
     /// delaying proxy, clock where libfaketime is installed) per cycle.
     Mixed,
 }
@@ -126,7 +135,10 @@ impl Nemesis {
     /// Whether it works on the nodes' disks, and so needs the cluster on the lossy file system
     /// (see [`crate::lossy_fs`]).
     pub fn needs_lossy_fs(self) -> bool {
-        matches!(self, Nemesis::PowerLoss | Nemesis::DiskFull)
+        matches!(
+            self,
+            Nemesis::PowerLoss | Nemesis::DiskFull | Nemesis::SlowDisk
+        )
     }
 }
 
@@ -312,6 +324,7 @@ impl Run<'_> {
         }
         if self.cluster.on_lossy_fs() {
             kinds.push(Nemesis::DiskFull);
+            kinds.push(Nemesis::SlowDisk);
         }
         kinds[self.rng.random_range(0..kinds.len())]
     }
@@ -332,6 +345,7 @@ impl Run<'_> {
             Nemesis::Latency => network::slow_links(self, shard).await,
             Nemesis::Clock => skew::clock(self, shard).await,
             Nemesis::DiskFull => disk::disk_full(self, shard).await,
+            Nemesis::SlowDisk => disk::slow_disk(self, shard).await,
             Nemesis::Membership => membership::replace_node(self).await,
             Nemesis::Duplicate => {
                 duplicate::duplicate(self.client, self.recorder, n).await?;

@@ -2,13 +2,13 @@
 //! see [`crate::net`]): partitions and packet loss, and slow links through the harness' delaying
 //! proxy ([`crate::slow_net`]).
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use rand::rngs::StdRng;
 use rand::Rng;
 use strata_client::Client;
 
+use super::probe::{probe_writes, serving, Probes, BASELINE_WAIT};
 use super::targets::members;
 use super::{Cycle, Run};
 use crate::control::Cluster;
@@ -55,7 +55,9 @@ pub(super) async fn slow_links(run: &mut Run<'_>, shard: u64) -> anyhow::Result<
     };
     run.cluster.heal()?;
     let outcome = match probes {
-        Some(Probes { served, full_hold }) => {
+        Some(Probes {
+            served, full_hold, ..
+        }) => {
             if served == 0 && full_hold {
                 run.stalls.push(format!(
                     "{}: no write served in {:?} while every link was slowed ({})",
@@ -71,44 +73,6 @@ pub(super) async fn slow_links(run: &mut Run<'_>, shard: u64) -> anyhow::Result<
     };
     run.record(F::Stop, &plan.name, outcome);
     Ok(Cycle::Injected)
-}
-
-/// How long [`serving`] waits for a probe write.
-const BASELINE_WAIT: Duration = Duration::from_secs(5);
-
-/// Whether the cluster acknowledges a probe write within [`BASELINE_WAIT`].
-async fn serving(client: &Client) -> bool {
-    let put = client.put("nemesis-probe:before", "probe");
-    matches!(tokio::time::timeout(BASELINE_WAIT, put).await, Ok(Ok(_)))
-}
-
-/// What [`probe_writes`] saw.
-struct Probes {
-    /// Writes acknowledged within the hold.
-    served: usize,
-    /// The hold ran its whole length (the run did not stop during it).
-    full_hold: bool,
-}
-
-/// Writes probe keys one after the other for `hold`, counting those acknowledged in time. The
-/// keys are outside the workload's, and the writes are not part of the history.
-async fn probe_writes(client: &Client, hold: Duration, stop: &AtomicBool) -> Probes {
-    let until = tokio::time::Instant::now() + hold;
-    let mut served = 0;
-    let mut n = 0u64;
-    while tokio::time::Instant::now() < until && !stop.load(Ordering::Relaxed) {
-        n += 1;
-        let put = client.put(format!("nemesis-probe:{n}"), "probe");
-        match tokio::time::timeout_at(until, put).await {
-            Ok(Ok(_)) => served += 1,
-            Ok(Err(_)) => tokio::time::sleep(Duration::from_millis(50)).await,
-            Err(_) => break,
-        }
-    }
-    Probes {
-        served,
-        full_hold: !stop.load(Ordering::Relaxed),
-    }
 }
 
 /// A connectivity graph over node positions (in the members' order) and its name.

@@ -17,6 +17,7 @@ use crate::error::KvError;
 use crate::layout::{group_name, GroupId, Layout, NodeSpec, META_GROUP};
 use crate::raft::hand_over::close_enough_to_lead;
 use crate::service::NodeState;
+use crate::storage::engine::SLOW_SYNC;
 
 /// Pause between two rounds.
 const ROUND: Duration = Duration::from_millis(500);
@@ -79,7 +80,19 @@ pub fn describe(node: &NodeState) -> LayoutExchange {
         peer_addr: node.peer_addr.clone(),
         client_addr: node.client_addr.clone(),
         groups: node.groups.all().iter().map(|g| g.status()).collect(),
+        slowest_wal_sync_ms: node.engine.slowest_recent_sync().as_millis() as u64,
     }
+}
+
+/// Whether a node that described itself as `about` has a slow disk now (see
+/// [`Engine::slowest_recent_sync`](crate::storage::Engine::slowest_recent_sync)).
+pub fn disk_is_slow(about: &LayoutExchange) -> bool {
+    Duration::from_millis(about.slowest_wal_sync_ms) >= SLOW_SYNC
+}
+
+/// Asks node `target` to describe itself, without pushing a layout.
+pub async fn ask(node: &NodeState, target: u64) -> Result<LayoutExchange, String> {
+    push(node, target, bytes::Bytes::new()).await
 }
 
 /// Pushes `layout` to every node of it and collects who answers and who leads what.
@@ -94,6 +107,7 @@ pub async fn survey(node: &Arc<NodeState>, layout: &Layout) -> View {
     replies.push((me, Some(describe(node))));
 
     let mut alive = BTreeSet::new();
+    let mut slow_disks = BTreeSet::new();
     // Every replica's report: (group, node) -> (term, last log index).
     let mut reports: BTreeMap<(GroupId, u64), (u64, u64)> = BTreeMap::new();
     // group -> (term, leader): the highest term wins over a stale leader's claim.
@@ -101,6 +115,9 @@ pub async fn survey(node: &Arc<NodeState>, layout: &Layout) -> View {
     for (id, reply) in replies {
         let Some(reply) = reply else { continue };
         alive.insert(id);
+        if disk_is_slow(&reply) {
+            slow_disks.insert(id);
+        }
         for g in &reply.groups {
             reports.insert((g.group_id, id), (g.term, g.last_log_index));
             if g.role != "leader" {
@@ -112,7 +129,8 @@ pub async fn survey(node: &Arc<NodeState>, layout: &Layout) -> View {
             }
         }
     }
-    let lagging = lagging_replicas(layout, &alive, &leaders, &reports);
+    let mut lagging = lagging_replicas(layout, &alive, &leaders, &reports);
+    lagging.extend(replicas_on(layout, &slow_disks));
     View {
         layout: layout.clone(),
         alive,
@@ -149,6 +167,21 @@ fn lagging_replicas(
         }
     }
     lagging
+}
+
+/// Every replica (group, node) on `nodes`. The driver treats those on slow disks as lagging: a
+/// new leader stores its vote before it leads, and the group would wait for that fsync.
+fn replicas_on(layout: &Layout, nodes: &BTreeSet<u64>) -> Vec<(GroupId, u64)> {
+    layout
+        .group_ids()
+        .flat_map(|g| {
+            let replicas = layout.replicas(g).unwrap_or_default();
+            replicas
+                .iter()
+                .filter(|r| nodes.contains(r))
+                .map(move |&r| (g, r))
+        })
+        .collect()
 }
 
 /// Sends `layout` (JSON) to node `target`; returns its self-description.
@@ -407,5 +440,19 @@ mod tests {
         // A node that did not answer is not alive, which the view says on its own.
         let alive: BTreeSet<u64> = [1, 2].into();
         assert!(lagging_replicas(&layout, &alive, &leaders, &reports).is_empty());
+    }
+
+    #[test]
+    fn every_replica_on_a_slow_disk_is_found_and_a_fsync_of_half_a_second_is_slow() {
+        let layout = layout();
+        // The meta group (0) and shard 1, both on nodes 1 – 3.
+        assert_eq!(replicas_on(&layout, &[2].into()), [(0, 2), (1, 2)]);
+        assert!(replicas_on(&layout, &BTreeSet::new()).is_empty());
+        let about = |ms| LayoutExchange {
+            slowest_wal_sync_ms: ms,
+            ..Default::default()
+        };
+        assert!(!disk_is_slow(&about(20)));
+        assert!(disk_is_slow(&about(SLOW_SYNC.as_millis() as u64)));
     }
 }

@@ -31,8 +31,9 @@ pub struct View {
     /// The leader of each group, as its leader reported.
     pub leaders: BTreeMap<GroupId, u64>,
     /// Replicas (group, node) that cannot take their group's leadership now: they did not report
-    /// the group in its leader's term, or are far behind the leader's log (catching up after a
-    /// restart, say). A leadership handed to one would only stall the group until an election.
+    /// the group in its leader's term, are far behind the leader's log (catching up after a
+    /// restart, say), or are on a node whose disk is slow. A leadership handed to one would
+    /// stall the group until an election, or for the new leader's slow fsync of its vote.
     pub lagging: BTreeSet<(GroupId, u64)>,
 }
 

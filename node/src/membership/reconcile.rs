@@ -38,14 +38,14 @@ pub async fn adopt(node: &Arc<NodeState>, layout: Layout) -> anyhow::Result<bool
         return Ok(false);
     }
     if layout.node(id).is_some() && stored_id != Some(id) {
-        node.engine.save_identity(id, &layout)?;
+        node.engine.save_identity(id, &layout).await?;
         tracing::info!(
             node = id,
             epoch = layout.epoch,
             "this node is a cluster member"
         );
     } else {
-        node.engine.save_layout(&layout)?;
+        node.engine.save_layout(&layout).await?;
     }
     node.set_id(id);
     node.pool.set_nodes(&layout.nodes);
@@ -63,7 +63,7 @@ pub async fn adopt(node: &Arc<NodeState>, layout: Layout) -> anyhow::Result<bool
         // before a crash.
         for g in layout.group_ids().filter(|g| !hosted.contains(g)) {
             if node.engine.holds_group(g) {
-                drop_state(node, g)?;
+                drop_state(node, g).await?;
             }
         }
     }
@@ -74,7 +74,7 @@ pub async fn adopt(node: &Arc<NodeState>, layout: Layout) -> anyhow::Result<bool
         }
         if previous.epoch > 0 && !was_hosted.contains(&g) && node.engine.holds_group(g) {
             // State from an earlier stay on this node: the new replica starts empty.
-            drop_state(node, g)?;
+            drop_state(node, g).await?;
         }
         let group = Group::start(
             g,
@@ -105,13 +105,15 @@ async fn leave_group(node: &NodeState, g: GroupId) -> anyhow::Result<()> {
     if let Some(group) = node.groups.remove(g) {
         group.shutdown().await;
     }
-    drop_state(node, g)?;
+    drop_state(node, g).await?;
     tracing::info!(group = g, "left group; its data on this node is deleted");
     Ok(())
 }
 
-fn drop_state(node: &NodeState, g: GroupId) -> anyhow::Result<()> {
-    node.engine.drop_group(g)?;
-    SnapshotFile::new(node.snapshot_dir.clone(), g).remove()?;
+async fn drop_state(node: &NodeState, g: GroupId) -> anyhow::Result<()> {
+    node.engine.drop_group(g).await?;
+    // Deleting fsyncs the directory: on a blocking thread, not a runtime worker.
+    let files = SnapshotFile::new(node.snapshot_dir.clone(), g);
+    tokio::task::spawn_blocking(move || files.remove()).await??;
     Ok(())
 }

@@ -145,9 +145,9 @@ impl Cluster for ClusterService {
             ))
             .into());
         }
-        let fresh = self.node.raft_timings.successor_freshness();
-        if let Err(reason) = group
-            .hand_over_leadership(req.to, fresh, ADMIN_TIMEOUT)
+        if let Err(reason) = self
+            .node
+            .hand_over_leadership(&group, req.to, ADMIN_TIMEOUT)
             .await
         {
             return Err(KvError::Unavailable {

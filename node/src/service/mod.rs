@@ -121,6 +121,32 @@ impl NodeState {
         }
     }
 
+    /// Hands `group`'s leadership to `to` if it can take over at once: heard from recently and
+    /// nearly caught up (see [`Group::hand_over_leadership`]), and — asked over the peer port
+    /// first — its disk is not slow: a new leader stores its vote before it leads, and the group
+    /// would wait for that fsync. `Ok` when another node leads (or this one did not), else why
+    /// not. For the moves the operator or the placement driver asks for.
+    pub async fn hand_over_leadership(
+        &self,
+        group: &Group,
+        to: u64,
+        timeout: Duration,
+    ) -> Result<(), String> {
+        if group.is_leader() {
+            let about = crate::membership::driver::ask(self, to)
+                .await
+                .map_err(|e| format!("node {to} did not answer: {e}"))?;
+            if crate::membership::driver::disk_is_slow(&about) {
+                return Err(format!(
+                    "node {to}'s disk is slow (a WAL fsync took {} ms within the last 10 s): it is handed no leadership",
+                    about.slowest_wal_sync_ms
+                ));
+            }
+        }
+        let fresh = self.raft_timings.successor_freshness();
+        group.hand_over_leadership(to, fresh, timeout).await
+    }
+
     /// Refuses peer requests from now on and waits up to `timeout` for those being handled to
     /// be answered; false if some were still running then.
     pub(crate) async fn stop_peer_requests(&self, timeout: Duration) -> bool {

@@ -273,9 +273,8 @@ impl Raft for TransportService {
     ) -> Result<Response<AdminReply>, Status> {
         let req = req.into_inner();
         let (_hold, group) = admit(&self.node, req.group_id).await?;
-        let fresh = self.node.raft_timings.successor_freshness();
-        group
-            .hand_over_leadership(req.to, fresh, TRANSFER_TIMEOUT)
+        self.node
+            .hand_over_leadership(&group, req.to, TRANSFER_TIMEOUT)
             .await
             .map_err(Status::unavailable)?;
         Ok(Response::new(AdminReply {}))

@@ -5,10 +5,17 @@
 //! that moment, from every group, issues **one** WAL fsync for all of them, and only then
 //! completes them. Under load one fsync acknowledges many appends; this is where write throughput
 //! comes from.
+//!
+//! Every other write that must be durable before it returns (a Raft vote, the layout) goes the
+//! same way ([`Engine::write_durable`]) rather than as a synced RocksDB write: a synced write
+//! fsyncs while it leads RocksDB's write queue, so every writer behind it — applies and appends of
+//! every group, on the async runtime's threads — waits for that fsync too. On a slow disk that
+//! froze the whole node (found by the chaos suite's `slow-disk` nemesis, `docs/testing.md`).
 
 use std::path::Path;
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use openraft::storage::IOFlushed;
 use rocksdb::{
@@ -31,14 +38,72 @@ const MAX_TOTAL_WAL_BYTES: u64 = 64 << 20;
 /// Most callbacks completed by one fsync; bounds the latency of the first waiter.
 const MAX_SYNC_BATCH: usize = 4096;
 
+/// A WAL fsync slower than this is logged, and marks the disk slow (etcd warns from 1 s on; a
+/// healthy SSD takes well under 10 ms).
+pub const SLOW_SYNC: Duration = Duration::from_millis(500);
+
+/// How long a slow fsync keeps counting in [`Engine::slowest_recent_sync`].
+const SLOW_SYNC_MEMORY: Duration = Duration::from_secs(10);
+
+/// The syncer's fsync times, for [`Engine::slowest_recent_sync`].
+#[derive(Default)]
+struct SyncWatch {
+    /// When the fsync under way started.
+    in_flight: Option<Instant>,
+    /// The slowest fsync that ended within [`SLOW_SYNC_MEMORY`]: how long it took, and when it
+    /// ended.
+    slowest: Option<(Duration, Instant)>,
+}
+
+impl SyncWatch {
+    fn slowest_recent(&self, now: Instant) -> Duration {
+        let ended = self
+            .slowest
+            .filter(|(_, at)| now.duration_since(*at) <= SLOW_SYNC_MEMORY)
+            .map_or(Duration::ZERO, |(took, _)| took);
+        let running = self
+            .in_flight
+            .map_or(Duration::ZERO, |t| now.duration_since(t));
+        ended.max(running)
+    }
+
+    fn ended(&mut self, took: Duration, now: Instant) {
+        self.in_flight = None;
+        if self.slowest_recent(now) <= took {
+            self.slowest = Some((took, now));
+        }
+    }
+}
+
+/// Who waits for the syncer's next WAL fsync.
+enum SyncWaiter {
+    /// A Raft log append: openraft's completion callback.
+    Append(IOFlushed<TypeConfig>),
+    /// A [`Engine::write_durable`] call.
+    Write(tokio::sync::oneshot::Sender<std::io::Result<()>>),
+}
+
+impl SyncWaiter {
+    fn complete(self, result: std::io::Result<()>) {
+        match self {
+            SyncWaiter::Append(callback) => callback.io_completed(result),
+            // A dropped receiver: its caller gave up waiting; nothing to tell.
+            SyncWaiter::Write(tx) => drop(tx.send(result)),
+        }
+    }
+}
+
 /// The node's RocksDB plus the syncer feeding group commit.
 pub struct Engine {
     db: Arc<DB>,
-    /// Completion callbacks waiting for the next WAL fsync. A `std` mutex: held only to send.
-    /// `None` once the engine is dropping.
-    sync_tx: Mutex<Option<mpsc::Sender<IOFlushed<TypeConfig>>>>,
+    /// Who waits for the next WAL fsync. A `std` mutex: held only to send. `None` once the
+    /// engine is dropping.
+    sync_tx: Mutex<Option<mpsc::Sender<SyncWaiter>>>,
     /// The syncer thread, joined on drop so the database is closed when the engine is gone.
     syncer: Option<std::thread::JoinHandle<()>>,
+    /// How long the syncer's fsyncs take. A `std` mutex: taken twice per fsync and by readers
+    /// of [`slowest_recent_sync`](Self::slowest_recent_sync), never across an fsync.
+    sync_watch: Arc<Mutex<SyncWatch>>,
     /// The `data` column family's options, for SST files written to be ingested into it.
     data_options: Options,
 }
@@ -98,13 +163,16 @@ impl Engine {
 
         let (tx, rx) = mpsc::channel();
         let sync_db = db.clone();
+        let sync_watch = Arc::new(Mutex::new(SyncWatch::default()));
+        let watch = sync_watch.clone();
         let syncer = std::thread::Builder::new()
             .name("strata-wal-sync".into())
-            .spawn(move || run_syncer(&sync_db, rx))?;
+            .spawn(move || run_syncer(&sync_db, rx, &watch))?;
         Ok(Arc::new(Engine {
             db,
             sync_tx: Mutex::new(Some(tx)),
             syncer: Some(syncer),
+            sync_watch,
             data_options,
         }))
     }
@@ -146,7 +214,9 @@ impl Engine {
             .map(|item| item.map_err(io_err))
     }
 
-    /// Writes `batch`; with `sync` the WAL is fsynced before returning.
+    /// Writes `batch`; with `sync` the WAL is fsynced before returning. A synced write holds
+    /// every other writer for its fsync: outside of startup and snapshot installs, use
+    /// [`write_durable`](Self::write_durable).
     pub fn write(&self, batch: WriteBatch, sync: bool) -> std::io::Result<()> {
         let mut opts = WriteOptions::default();
         opts.set_sync(sync);
@@ -170,6 +240,21 @@ impl Engine {
             .map_err(io_err)
     }
 
+    /// Writes `batch` and returns once it is durable: written without fsync, then fsynced by
+    /// the syncer's next group commit, which the caller awaits without holding a thread or
+    /// RocksDB's write queue.
+    pub async fn write_durable(&self, batch: WriteBatch) -> std::io::Result<()> {
+        // The chaos suite's planted bug: the old synced write, on the caller's thread.
+        if crate::planted::active(crate::planted::Bug::BlockingSyncedWrites) {
+            return self.write(batch, true);
+        }
+        self.write(batch, false)?;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.wait_for_sync(SyncWaiter::Write(tx));
+        rx.await
+            .unwrap_or_else(|_| Err(std::io::Error::other("WAL syncer stopped")))
+    }
+
     /// Completes `callback` after the next WAL fsync (group commit).
     pub fn complete_after_sync(&self, callback: IOFlushed<TypeConfig>) {
         // The planted bug of the chaos suite: acknowledged before the fsync, or even the write.
@@ -177,13 +262,26 @@ impl Engine {
             callback.io_completed(Ok(()));
             return;
         }
+        self.wait_for_sync(SyncWaiter::Append(callback));
+    }
+
+    /// The longest WAL fsync of the last 10 s, or the one under way if it has taken longer: a
+    /// node whose disk is slow ([`SLOW_SYNC`] or more) should not be handed a leadership, since
+    /// a new leader stores its vote before it can lead.
+    pub fn slowest_recent_sync(&self) -> Duration {
+        let watch = self.sync_watch.lock().expect("sync_watch poisoned");
+        watch.slowest_recent(Instant::now())
+    }
+
+    /// Hands `waiter` to the syncer, or fails it if the syncer has stopped.
+    fn wait_for_sync(&self, waiter: SyncWaiter) {
         let guard = self.sync_tx.lock().expect("sync_tx poisoned");
         let unsent = match guard.as_ref() {
-            Some(tx) => tx.send(callback).err().map(|mpsc::SendError(cb)| cb),
-            None => Some(callback),
+            Some(tx) => tx.send(waiter).err().map(|mpsc::SendError(w)| w),
+            None => Some(waiter),
         };
-        if let Some(cb) = unsent {
-            cb.io_completed(Err(std::io::Error::other("WAL syncer stopped")));
+        if let Some(w) = unsent {
+            w.complete(Err(std::io::Error::other("WAL syncer stopped")));
         }
     }
 
@@ -195,12 +293,12 @@ impl Engine {
         }
     }
 
-    /// Stores this node's id and the layout that names it, in one synced write.
-    pub fn save_identity(&self, id: u64, layout: &Layout) -> anyhow::Result<()> {
+    /// Stores this node's id and the layout that names it, in one durable write.
+    pub async fn save_identity(&self, id: u64, layout: &Layout) -> anyhow::Result<()> {
         let mut b = WriteBatch::default();
         b.put_cf(self.cf(CF_STATE), NODE_ID_KEY, id.to_be_bytes());
         b.put_cf(self.cf(CF_STATE), LAYOUT_KEY, serde_json::to_vec(layout)?);
-        self.write(b, true)?;
+        self.write_durable(b).await?;
         Ok(())
     }
 
@@ -212,15 +310,15 @@ impl Engine {
             .any(|cf| self.range(cf, &lo, &hi).next().is_some())
     }
 
-    /// Deletes every trace of `group` (log, vote, data, sessions), in one synced write. Only for
-    /// a group whose Raft instance is stopped and that this node no longer replicates.
-    pub fn drop_group(&self, group: GroupId) -> std::io::Result<()> {
+    /// Deletes every trace of `group` (log, vote, data, sessions), in one durable write. Only
+    /// for a group whose Raft instance is stopped and that this node no longer replicates.
+    pub async fn drop_group(&self, group: GroupId) -> std::io::Result<()> {
         let (lo, hi) = group_range(group);
         let mut b = WriteBatch::default();
         for cf in [CF_LOG, CF_STATE, CF_DATA, CF_SM] {
             b.delete_range_cf(self.cf(cf), lo, hi);
         }
-        self.write(b, true)
+        self.write_durable(b).await
     }
 
     /// The newest layout this node has seen, if any.
@@ -232,10 +330,10 @@ impl Engine {
     }
 
     /// Stores the layout durably.
-    pub fn save_layout(&self, layout: &Layout) -> anyhow::Result<()> {
+    pub async fn save_layout(&self, layout: &Layout) -> anyhow::Result<()> {
         let mut b = WriteBatch::default();
         b.put_cf(self.cf(CF_STATE), LAYOUT_KEY, serde_json::to_vec(layout)?);
-        self.write(b, true)?;
+        self.write_durable(b).await?;
         Ok(())
     }
 }
@@ -265,9 +363,9 @@ fn cf_options(table: &BlockBasedOptions, compress: bool, write_buffer: usize) ->
     o
 }
 
-/// The syncer loop: wait for one callback, take all others already queued, fsync once, complete
+/// The syncer loop: wait for one waiter, take all others already queued, fsync once, complete
 /// them all. Ends when every sender is gone.
-fn run_syncer(db: &DB, rx: mpsc::Receiver<IOFlushed<TypeConfig>>) {
+fn run_syncer(db: &DB, rx: mpsc::Receiver<SyncWaiter>, watch: &Mutex<SyncWatch>) {
     let mut pending = Vec::with_capacity(64);
     while let Ok(first) = rx.recv() {
         pending.push(first);
@@ -279,13 +377,53 @@ fn run_syncer(db: &DB, rx: mpsc::Receiver<IOFlushed<TypeConfig>>) {
         }
         // The planted `skip-fsync` bug writes the WAL to the OS without the fsync.
         let sync = !crate::planted::active(crate::planted::Bug::SkipFsync);
+        let started = Instant::now();
+        watch.lock().expect("sync_watch poisoned").in_flight = Some(started);
         let result = db.flush_wal(sync);
-        for cb in pending.drain(..) {
+        let took = started.elapsed();
+        watch
+            .lock()
+            .expect("sync_watch poisoned")
+            .ended(took, Instant::now());
+        if took >= SLOW_SYNC {
+            tracing::warn!(
+                took_ms = took.as_millis() as u64,
+                waiters = pending.len(),
+                "slow WAL fsync: this node's disk is slow; it is handed no leadership meanwhile"
+            );
+        }
+        for waiter in pending.drain(..) {
             let r = match &result {
                 Ok(()) => Ok(()),
                 Err(e) => Err(std::io::Error::other(format!("WAL fsync failed: {e}"))),
             };
-            cb.io_completed(r);
+            waiter.complete(r);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_slow_fsync_counts_for_ten_seconds_and_one_under_way_at_once() {
+        let t0 = Instant::now();
+        let s = |ms| Duration::from_millis(ms);
+        let mut w = SyncWatch::default();
+        assert_eq!(w.slowest_recent(t0), Duration::ZERO);
+        w.in_flight = Some(t0);
+        assert_eq!(w.slowest_recent(t0 + s(700)), s(700), "under way");
+        w.ended(s(800), t0 + s(800));
+        assert_eq!(w.slowest_recent(t0 + s(900)), s(800));
+        // Faster ones after it do not hide it while it counts.
+        w.in_flight = Some(t0 + s(1_000));
+        w.ended(s(2), t0 + s(1_002));
+        assert_eq!(w.slowest_recent(t0 + s(5_000)), s(800));
+        // Ten seconds after it ended it no longer counts; the next one replaces it.
+        assert_eq!(w.slowest_recent(t0 + s(10_801)), Duration::ZERO);
+        w.in_flight = Some(t0 + s(11_000));
+        w.ended(s(3), t0 + s(11_003));
+        assert_eq!(w.slowest_recent(t0 + s(11_004)), s(3));
     }
 }

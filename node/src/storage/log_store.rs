@@ -235,7 +235,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let e = &self.engine;
         let mut b = WriteBatch::default();
         b.put_cf(e.cf(CF_STATE), tag_key(self.group, TAG_VOTE), encode(vote));
-        e.write(b, true)
+        e.write_durable(b).await
     }
 
     async fn append<I>(

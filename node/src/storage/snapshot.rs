@@ -312,10 +312,19 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
             .take()
             .ok_or_else(|| std::io::Error::other("snapshot builder used twice"))?;
         let staged = writing.await.map_err(std::io::Error::other)??;
-        // Opened before publishing: the handle stays valid whether the file is renamed into
-        // place or dropped because a newer snapshot was installed meanwhile.
-        let file = File::open(&staged.path)?;
-        self.file.publish(staged, &self.meta)?;
+        // Publishing renames the file and fsyncs its directory: on a blocking thread too, so
+        // that a slow disk holds up this build only, not a runtime worker (and every group's
+        // work on it).
+        let (files, meta) = (self.file.clone(), self.meta.clone());
+        let file = tokio::task::spawn_blocking(move || {
+            // Opened before publishing: the handle stays valid whether the file is renamed into
+            // place or dropped because a newer snapshot was installed meanwhile.
+            let file = File::open(&staged.path)?;
+            files.publish(staged, &meta)?;
+            Ok::<_, std::io::Error>(file)
+        })
+        .await
+        .map_err(std::io::Error::other)??;
         Ok(openraft::Snapshot {
             meta: self.meta.clone(),
             snapshot: SnapshotData { file, staged: None },
