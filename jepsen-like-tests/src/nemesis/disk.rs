@@ -151,10 +151,7 @@ async fn election_around(run: &mut Run<'_>, node: u64) -> String {
         return format!("node {node} follows no shard with a third replica to elect");
     }
     let (shard, from, to) = moves[run.rng.random_range(0..moves.len())];
-    match run.client.transfer_leader(shard, to).await {
-        Ok(()) => format!("shard {shard}'s leadership moved {from} -> {to}"),
-        Err(e) => format!("shard {shard}'s leadership not moved {from} -> {to}: {e}"),
-    }
+    move_leadership(run, shard, from, to).await
 }
 
 /// Asks for the leadership of a random shard that `node` follows to be moved to `node`, which
@@ -165,8 +162,14 @@ async fn leadership_to(run: &mut Run<'_>, node: u64) -> String {
         return format!("node {node} follows no shard to be handed");
     }
     let (shard, from, _) = followed[run.rng.random_range(0..followed.len())];
-    match run.client.transfer_leader(shard, node).await {
-        Ok(()) => format!("shard {shard}'s leadership moved {from} -> {node} (not refused)"),
-        Err(e) => format!("shard {shard}'s leadership not moved to {node}: {e}"),
+    move_leadership(run, shard, from, node).await
+}
+
+/// Moves `shard`'s leadership from `from` to `to` (`Cluster.TransferLeader`). Says what came of
+/// it.
+async fn move_leadership(run: &Run<'_>, shard: u64, from: u64, to: u64) -> String {
+    match run.client.transfer_leader(shard, to).await {
+        Ok(()) => format!("shard {shard}'s leadership moved {from} -> {to}"),
+        Err(e) => format!("shard {shard}'s leadership not moved {from} -> {to}: {e}"),
     }
 }
