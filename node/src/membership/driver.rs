@@ -172,15 +172,9 @@ fn lagging_replicas(
 /// Every replica (group, node) on `nodes`. The driver treats those on slow disks as lagging: a
 /// new leader stores its vote before it leads, and the group would wait for that fsync.
 fn replicas_on(layout: &Layout, nodes: &BTreeSet<u64>) -> Vec<(GroupId, u64)> {
-    layout
-        .group_ids()
-        .flat_map(|g| {
-            let replicas = layout.replicas(g).unwrap_or_default();
-            replicas
-                .iter()
-                .filter(|r| nodes.contains(r))
-                .map(move |&r| (g, r))
-        })
+    nodes
+        .iter()
+        .flat_map(|&n| layout.groups_on(n).into_iter().map(move |g| (g, n)))
         .collect()
 }
 

@@ -67,11 +67,20 @@ impl SyncWatch {
         ended.max(running)
     }
 
-    fn ended(&mut self, took: Duration, now: Instant) {
-        self.in_flight = None;
+    fn started(&mut self, now: Instant) {
+        self.in_flight = Some(now);
+    }
+
+    /// Ends the fsync under way at `now`; returns how long it took.
+    fn ended(&mut self, now: Instant) -> Duration {
+        let took = self
+            .in_flight
+            .take()
+            .map_or(Duration::ZERO, |t| now.duration_since(t));
         if self.slowest_recent(now) <= took {
             self.slowest = Some((took, now));
         }
+        took
     }
 }
 
@@ -377,14 +386,15 @@ fn run_syncer(db: &DB, rx: mpsc::Receiver<SyncWaiter>, watch: &Mutex<SyncWatch>)
         }
         // The planted `skip-fsync` bug writes the WAL to the OS without the fsync.
         let sync = !crate::planted::active(crate::planted::Bug::SkipFsync);
-        let started = Instant::now();
-        watch.lock().expect("sync_watch poisoned").in_flight = Some(started);
-        let result = db.flush_wal(sync);
-        let took = started.elapsed();
         watch
             .lock()
             .expect("sync_watch poisoned")
-            .ended(took, Instant::now());
+            .started(Instant::now());
+        let result = db.flush_wal(sync);
+        let took = watch
+            .lock()
+            .expect("sync_watch poisoned")
+            .ended(Instant::now());
         if took >= SLOW_SYNC {
             tracing::warn!(
                 took_ms = took.as_millis() as u64,
@@ -412,18 +422,18 @@ mod tests {
         let s = |ms| Duration::from_millis(ms);
         let mut w = SyncWatch::default();
         assert_eq!(w.slowest_recent(t0), Duration::ZERO);
-        w.in_flight = Some(t0);
+        w.started(t0);
         assert_eq!(w.slowest_recent(t0 + s(700)), s(700), "under way");
-        w.ended(s(800), t0 + s(800));
+        w.ended(t0 + s(800));
         assert_eq!(w.slowest_recent(t0 + s(900)), s(800));
         // Faster ones after it do not hide it while it counts.
-        w.in_flight = Some(t0 + s(1_000));
-        w.ended(s(2), t0 + s(1_002));
+        w.started(t0 + s(1_000));
+        w.ended(t0 + s(1_002));
         assert_eq!(w.slowest_recent(t0 + s(5_000)), s(800));
         // Ten seconds after it ended it no longer counts; the next one replaces it.
         assert_eq!(w.slowest_recent(t0 + s(10_801)), Duration::ZERO);
-        w.in_flight = Some(t0 + s(11_000));
-        w.ended(s(3), t0 + s(11_003));
+        w.started(t0 + s(11_000));
+        w.ended(t0 + s(11_003));
         assert_eq!(w.slowest_recent(t0 + s(11_004)), s(3));
     }
 }
