@@ -29,7 +29,7 @@ fn newest_wal(db: &Path) -> PathBuf {
 fn put_synced(engine: &Engine, key: &str, value: &[u8]) {
     let mut batch = WriteBatch::default();
     batch.put_cf(engine.cf(CF_DATA), key, value);
-    engine.write(batch, true).unwrap();
+    engine.write_durable_blocking(batch).unwrap();
 }
 
 #[test]

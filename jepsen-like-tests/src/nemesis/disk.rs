@@ -8,7 +8,8 @@
 //! - A slow disk: every fsync in the node's data directory is answered seconds late, the gray
 //!   failure of a wearing SSD or a noisy neighbour. Two of three replicas are fast, so every
 //!   write can still commit at its usual speed; the cluster must keep serving writes without a
-//!   stall, even while the slow node stores a Raft vote.
+//!   stall from the moment the disk turns slow — while the slow node still leads shards, hands
+//!   its leaderships over, and stores Raft votes.
 //!
 //! The history must stay linearizable throughout.
 
@@ -16,7 +17,7 @@ use std::time::Duration;
 
 use rand::Rng;
 
-use super::probe::{probe_writes, serving, BASELINE_WAIT};
+use super::probe::{longest_silence, probe_writes, serving, BASELINE_WAIT};
 use super::targets::{node_or_leader, replicas_of, shard_count};
 use super::{Cycle, Run};
 use crate::history::F;
@@ -75,16 +76,21 @@ const SLOW_FSYNC: Duration = Duration::from_secs(2);
 /// before leaderships are moved.
 const SLOW_DISK_NOTICED: Duration = Duration::from_millis(1500);
 
-/// The longest a probe write may wait while one disk is slow. A write needs a majority's
-/// fsyncs, and two of three disks are fast: only a node that stalls on its slow disk, or a
-/// leadership handed to it, makes a write wait this long.
-const SLOW_DISK_WRITE_LIMIT: Duration = Duration::from_secs(1);
+/// The longest a probe write may wait, and the slow node may leave its status calls unanswered,
+/// while one disk is slow. A write needs a majority's fsyncs, and two of three disks are fast:
+/// only a node that stalls on its slow disk, or a leadership handed to it, makes a write wait
+/// this long; and a node that answers nothing for this long has its threads waiting for the
+/// disk — a gray failure turned into a freeze, which a leadership or an election on it would
+/// turn into stalled writes.
+const SLOW_DISK_STALL_LIMIT: Duration = Duration::from_secs(1);
 
-/// Slows the disk of a node (half the time the leader of `shard`), gives the nodes
-/// [`SLOW_DISK_NOTICED`] to notice, asks for a leadership to be moved to the node (which must be
-/// refused) and makes it store a Raft vote (a leadership moved between the other two replicas of
-/// a shard it follows); then, for the hold, probe writes check that no write waits longer
-/// than [`SLOW_DISK_WRITE_LIMIT`].
+/// Slows the disk of a node (half the time the leader of `shard`). From that moment on, for
+/// [`SLOW_DISK_NOTICED`] and the hold, probe writes check that no write waits longer than
+/// [`SLOW_DISK_STALL_LIMIT`], and status calls that the slow node never leaves them all
+/// unanswered as long — while the placement driver moves the node's leaderships away, and
+/// while, once the nodes had [`SLOW_DISK_NOTICED`] to notice, the nemesis asks for a leadership
+/// to be moved to the node (which must be refused) and makes it store a Raft vote (a leadership
+/// moved between the other two replicas of a shard it follows).
 pub(super) async fn slow_disk(run: &mut Run<'_>, shard: u64) -> anyhow::Result<Cycle> {
     let target = node_or_leader(run.cluster, run.client, &mut run.rng, shard).await;
     let served_before = serving(run.client).await;
@@ -94,24 +100,36 @@ pub(super) async fn slow_disk(run: &mut Run<'_>, shard: u64) -> anyhow::Result<C
         "slow-disk",
         format!("{target}: fsyncs answered {SLOW_FSYNC:?} late"),
     );
-    run.hold(SLOW_DISK_NOTICED).await;
-    let refused = leadership_to(run, target).await;
-    let vote = election_around(run, target).await;
-    // Probed after the moves: while they are under way, writes have been seen to wait up to
-    // 2 s (not explained yet; see docs/testing.md, "Slow disks").
-    let probes = probe_writes(run.client, run.timing.hold, run.stop).await;
+    let (client, stop, probed_for) = (run.client, run.stop, SLOW_DISK_NOTICED + run.timing.hold);
+    let addr = run.cluster.addr(target).unwrap_or_default();
+    let probing = probe_writes(client, probed_for, stop);
+    let answering = longest_silence(client, &addr, probed_for, stop);
+    let moves = async {
+        run.hold(SLOW_DISK_NOTICED).await;
+        let refused = leadership_to(run, target).await;
+        let vote = election_around(run, target).await;
+        (refused, vote)
+    };
+    let (probes, silence, (refused, vote)) = tokio::join!(probing, answering, moves);
     run.cluster.heal()?;
     let outcome = if !served_before {
         format!("not checked for stalls: no write served in the {BASELINE_WAIT:?} before")
     } else {
-        if probes.slowest > SLOW_DISK_WRITE_LIMIT && probes.full_hold {
-            run.stalls.push(format!(
-                "a write waited {:?} while node {target}'s disk was slow (limit {SLOW_DISK_WRITE_LIMIT:?})",
-                probes.slowest
-            ));
+        if probes.full_hold {
+            if probes.slowest > SLOW_DISK_STALL_LIMIT {
+                run.stalls.push(format!(
+                    "a write waited {:?} while node {target}'s disk was slow (limit {SLOW_DISK_STALL_LIMIT:?})",
+                    probes.slowest
+                ));
+            }
+            if silence > SLOW_DISK_STALL_LIMIT {
+                run.stalls.push(format!(
+                    "node {target} answered nothing for {silence:?} while its disk was slow (limit {SLOW_DISK_STALL_LIMIT:?})"
+                ));
+            }
         }
         format!(
-            "{refused}; {vote}; {} probe writes served after that, the slowest in {:?} (sent {:?} into the probes)",
+            "{refused}; {vote}; {} probe writes served from the start, the slowest in {:?} (sent {:?} into the probes); node {target} silent for at most {silence:?}",
             probes.served, probes.slowest, probes.slowest_sent
         )
     };

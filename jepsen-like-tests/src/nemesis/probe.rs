@@ -1,5 +1,6 @@
-//! Probe writes: how a nemesis checks that the cluster keeps serving through a fault it must
-//! serve through. The keys are outside the workload's, and the writes are not part of the history.
+//! Probes: how a nemesis checks that the cluster keeps serving through a fault it must serve
+//! through. Probe writes use keys outside the workload's and are not part of the history; a
+//! node's own answers are probed with its status call.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -60,4 +61,29 @@ pub(super) async fn probe_writes(client: &Client, hold: Duration, stop: &AtomicB
         slowest,
         slowest_sent,
     }
+}
+
+/// How long a node probed by [`longest_silence`] is given between two of its answers.
+const ANSWER_PAUSE: Duration = Duration::from_millis(20);
+
+/// Asks the node at `addr` for its status, one call after the other, for `hold`; returns the
+/// longest time in which it answered none of them. It serves the call from memory, so only a
+/// node whose threads wait (for its disk, say) goes silent for long.
+pub(super) async fn longest_silence(
+    client: &Client,
+    addr: &str,
+    hold: Duration,
+    stop: &AtomicBool,
+) -> Duration {
+    let until = tokio::time::Instant::now() + hold;
+    let mut last_answer = tokio::time::Instant::now();
+    let mut longest = Duration::ZERO;
+    while tokio::time::Instant::now() < until && !stop.load(Ordering::Relaxed) {
+        if let Ok(Ok(_)) = tokio::time::timeout_at(until, client.node_status(addr)).await {
+            longest = longest.max(last_answer.elapsed());
+            last_answer = tokio::time::Instant::now();
+        }
+        tokio::time::sleep(ANSWER_PAUSE).await;
+    }
+    longest.max(last_answer.elapsed().min(hold))
 }

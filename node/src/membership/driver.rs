@@ -129,13 +129,12 @@ pub async fn survey(node: &Arc<NodeState>, layout: &Layout) -> View {
             }
         }
     }
-    let mut lagging = lagging_replicas(layout, &alive, &leaders, &reports);
-    lagging.extend(replicas_on(layout, &slow_disks));
     View {
+        lagging: lagging_replicas(layout, &alive, &leaders, &reports),
         layout: layout.clone(),
         alive,
         leaders: leaders.into_iter().map(|(g, (_, l))| (g, l)).collect(),
-        lagging,
+        slow_disks,
     }
 }
 
@@ -167,15 +166,6 @@ fn lagging_replicas(
         }
     }
     lagging
-}
-
-/// Every replica (group, node) on `nodes`. The driver treats those on slow disks as lagging: a
-/// new leader stores its vote before it leads, and the group would wait for that fsync.
-fn replicas_on(layout: &Layout, nodes: &BTreeSet<u64>) -> Vec<(GroupId, u64)> {
-    nodes
-        .iter()
-        .flat_map(|&n| layout.groups_on(n).into_iter().map(move |g| (g, n)))
-        .collect()
 }
 
 /// Sends `layout` (JSON) to node `target`; returns its self-description.
@@ -437,11 +427,7 @@ mod tests {
     }
 
     #[test]
-    fn every_replica_on_a_slow_disk_is_found_and_a_fsync_of_half_a_second_is_slow() {
-        let layout = layout();
-        // The meta group (0) and shard 1, both on nodes 1 – 3.
-        assert_eq!(replicas_on(&layout, &[2].into()), [(0, 2), (1, 2)]);
-        assert!(replicas_on(&layout, &BTreeSet::new()).is_empty());
+    fn a_fsync_of_half_a_second_is_slow() {
         let about = |ms| LayoutExchange {
             slowest_wal_sync_ms: ms,
             ..Default::default()

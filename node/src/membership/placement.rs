@@ -10,8 +10,8 @@
 //! 4. shards: move replicas off draining nodes, then bring shards up to the replication factor;
 //! 5. spread replicas: move one from the most loaded to the least loaded node while they differ
 //!    by more than one;
-//! 6. leaderships: move them off draining nodes, then (once every group has a known leader)
-//!    spread them the same way.
+//! 6. leaderships: move them off draining nodes and off nodes whose disk is slow, then (once
+//!    every group has a known leader) spread them the same way.
 //!
 //! Only nodes that answered the survey receive replicas or leaderships.
 
@@ -31,10 +31,16 @@ pub struct View {
     /// The leader of each group, as its leader reported.
     pub leaders: BTreeMap<GroupId, u64>,
     /// Replicas (group, node) that cannot take their group's leadership now: they did not report
-    /// the group in its leader's term, are far behind the leader's log (catching up after a
-    /// restart, say), or are on a node whose disk is slow. A leadership handed to one would
-    /// stall the group until an election, or for the new leader's slow fsync of its vote.
+    /// the group in its leader's term, or are far behind the leader's log (catching up after a
+    /// restart, say). A leadership handed to one would stall the group until an election.
     pub lagging: BTreeSet<(GroupId, u64)>,
+    /// Nodes whose disk is slow now (a WAL fsync of [`SLOW_SYNC`] or more lately). They lead
+    /// nothing: a new leader stores its vote before it leads, so the group would wait for that
+    /// fsync; and a leader whose disk stalls its node's threads stalls its groups' writes,
+    /// although two fast followers could commit them.
+    ///
+    /// [`SLOW_SYNC`]: crate::storage::engine::SLOW_SYNC
+    pub slow_disks: BTreeSet<u64>,
 }
 
 /// One step of the placement driver.
@@ -91,9 +97,10 @@ impl View {
         v
     }
 
-    /// Whether `node` could take `group`'s leadership now (see [`View::lagging`]).
+    /// Whether `node` could take `group`'s leadership now (see [`View::lagging`] and
+    /// [`View::slow_disks`]).
     pub fn can_lead(&self, group: GroupId, node: u64) -> bool {
-        !self.lagging.contains(&(group, node))
+        !self.lagging.contains(&(group, node)) && !self.slow_disks.contains(&node)
     }
 
     fn leader_count(&self, node: u64) -> usize {
@@ -186,18 +193,23 @@ fn leader_action(v: &View) -> Option<Action> {
     let mut by_leaders = v.targets(&[]);
     by_leaders.sort_by_key(|n| (v.leader_count(*n), *n));
     for (&g, &leader) in &v.leaders {
-        if v.draining(leader) {
-            if let Some(&to) = by_leaders
-                .iter()
-                .find(|n| replicas_of(g).contains(n) && v.can_lead(g, **n))
-            {
-                return Some(Action::TransferLeader {
-                    group: g,
-                    from: leader,
-                    to,
-                    why: "drain",
-                });
-            }
+        let why = if v.draining(leader) {
+            "drain"
+        } else if v.slow_disks.contains(&leader) {
+            "slow disk"
+        } else {
+            continue;
+        };
+        if let Some(&to) = by_leaders
+            .iter()
+            .find(|n| replicas_of(g).contains(n) && v.can_lead(g, **n))
+        {
+            return Some(Action::TransferLeader {
+                group: g,
+                from: leader,
+                to,
+                why,
+            });
         }
     }
     // Spreading needs every leader known: during elections the counts are transient and a
@@ -301,6 +313,7 @@ mod tests {
             alive,
             leaders,
             lagging: BTreeSet::new(),
+            slow_disks: BTreeSet::new(),
         }
     }
 
@@ -377,6 +390,35 @@ mod tests {
         let second = to_node_3(&v).unwrap();
         assert_ne!(first, second);
         v.lagging = v.layout.group_ids().map(|g| (g, 3)).collect();
+        assert_eq!(next_action(&v), None);
+    }
+
+    #[test]
+    fn a_node_whose_disk_turns_slow_leads_nothing_until_it_is_fast_again() {
+        let mut v = view(layout(3, 8));
+        assert!(v.leader_count(2) > 0);
+        v.slow_disks.insert(2);
+        let actions = settle(&mut v);
+        assert!(v.leaders.values().all(|l| *l != 2), "{:?}", v.leaders);
+        assert!(
+            actions.iter().all(|a| matches!(
+                a,
+                Action::TransferLeader {
+                    from: 2,
+                    why: "slow disk",
+                    ..
+                }
+            )),
+            "{actions:?}"
+        );
+        // Healed: it gets its share back.
+        v.slow_disks.clear();
+        settle(&mut v);
+        for n in 1..=3 {
+            assert!((2..=3).contains(&v.leader_count(n)), "{:?}", v.leaders);
+        }
+        // With every disk slow, no node is better placed to lead: nothing moves.
+        v.slow_disks = [1, 2, 3].into();
         assert_eq!(next_action(&v), None);
     }
 

@@ -112,8 +112,7 @@ async fn leave_group(node: &NodeState, g: GroupId) -> anyhow::Result<()> {
 
 async fn drop_state(node: &NodeState, g: GroupId) -> anyhow::Result<()> {
     node.engine.drop_group(g).await?;
-    // Deleting fsyncs the directory: on a blocking thread, not a runtime worker.
     let files = SnapshotFile::new(node.snapshot_dir.clone(), g);
-    tokio::task::spawn_blocking(move || files.remove()).await??;
+    crate::storage::on_blocking_thread(move || files.remove()).await?;
     Ok(())
 }

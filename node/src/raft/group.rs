@@ -23,6 +23,7 @@ use super::types::{Command, Outcome, TypeConfig};
 use crate::config::RaftTimings;
 use crate::layout::{group_name, GroupId, NodeSpec};
 use crate::storage::install::Installs;
+use crate::storage::log_store::VoteInFlight;
 use crate::storage::{Engine, LogStore, StateMachine};
 
 /// Longest wait for one membership change (joint + final configuration) to commit.
@@ -61,6 +62,8 @@ pub struct Group {
     /// The oldest quorum acknowledgement a `LEASE` read may rely on
     /// ([`RaftTimings::lease_read_age`]).
     lease_read_age: Duration,
+    /// Whom this node is voting for while the vote is being stored (shared with the log store).
+    vote_in_flight: VoteInFlight,
 }
 
 /// Openraft settings for every group, sized for a busy 2-core machine.
@@ -105,6 +108,7 @@ impl Group {
         snapshot_dir: PathBuf,
     ) -> anyhow::Result<Group> {
         let log = LogStore::new(engine.clone(), id);
+        let vote_in_flight = log.vote_in_flight();
         let sm = StateMachine::open(engine, id, snapshot_dir)?;
         let snapshot_installs = sm.installs();
         let network: NetworkFactory = GroupNetworkFactory::new(pool, id);
@@ -116,6 +120,7 @@ impl Group {
             reads,
             snapshot_installs,
             lease_read_age: timings.lease_read_age(),
+            vote_in_flight,
         })
     }
 
@@ -141,14 +146,23 @@ impl Group {
         &self.raft
     }
 
-    /// Whether this node currently leads the group.
+    /// Whether this node currently leads the group: openraft says so, and it is not storing a
+    /// vote for another node (see [`VoteInFlight`]).
     pub fn is_leader(&self) -> bool {
-        self.raft.is_leader()
+        self.raft.is_leader() && self.voting_for_another().is_none()
     }
 
-    /// The leader this node knows of.
+    /// The leader this node knows of: the node it is voting for while that vote is stored, else
+    /// openraft's.
     pub fn leader(&self) -> Option<u64> {
-        self.raft.metrics().borrow_watched().current_leader
+        self.voting_for_another()
+            .or_else(|| self.raft.metrics().borrow_watched().current_leader)
+    }
+
+    /// The other node named by the vote being stored, if any.
+    fn voting_for_another(&self) -> Option<u64> {
+        let me = *self.raft.node_id();
+        self.vote_in_flight.node().filter(|n| *n != me)
     }
 
     /// Proposes `cmd` and waits for its outcome.

@@ -24,7 +24,8 @@ use crate::membership::driver::{describe, CATCH_UP, TRANSFER_TIMEOUT};
 use crate::membership::reconcile;
 use crate::raft::codec::{decode, encode};
 use crate::raft::{Group, TypeConfig};
-use crate::storage::snapshot::{SnapshotData, SnapshotFile, StagedFile};
+use crate::storage::on_blocking_thread;
+use crate::storage::snapshot::{SnapshotData, SnapshotFile};
 
 /// The answers of one AppendEntries stream.
 type AnswerStream = Pin<Box<dyn Stream<Item = Result<AppendBatchReply, Status>> + Send>>;
@@ -58,13 +59,14 @@ async fn admit(
 }
 
 /// Writes the data of a snapshot stream (its `first` chunk and the rest) to a new, fsynced staged
-/// file. The file is deleted again if anything fails.
+/// file, and opens it for reading. The file is deleted again if anything fails.
 async fn receive_snapshot(
     node: &NodeState,
     first: SnapshotChunk,
     mut rest: Streaming<SnapshotChunk>,
-) -> std::io::Result<StagedFile> {
-    let staged = SnapshotFile::new(node.snapshot_dir.clone(), first.group_id).stage()?;
+) -> std::io::Result<SnapshotData> {
+    let files = SnapshotFile::new(node.snapshot_dir.clone(), first.group_id);
+    let staged = on_blocking_thread(move || files.stage()).await?;
     let mut out = tokio::fs::File::create(staged.path()).await?;
     out.write_all(&first.data).await?;
     while let Some(chunk) = rest.next().await {
@@ -73,7 +75,7 @@ async fn receive_snapshot(
     }
     out.flush().await?;
     out.sync_all().await?;
-    Ok(staged)
+    on_blocking_thread(move || SnapshotData::staged(staged)).await
 }
 
 /// The bincode of `r` as `Result<T, String>`, the shape every peer reply carries.
@@ -215,12 +217,12 @@ impl Raft for TransportService {
         let (vote, meta): (VoteOf<TypeConfig>, SnapshotMetaOf<TypeConfig>) =
             decode(&first.header).map_err(bad_payload)?;
         let group = first.group_id;
-        let staged = receive_snapshot(&self.node, first, stream)
+        let data = receive_snapshot(&self.node, first, stream)
             .await
             .map_err(|e| Status::internal(format!("receiving a snapshot of group {group}: {e}")))?;
         let snapshot = openraft::Snapshot {
             meta,
-            snapshot: SnapshotData::staged(staged)?,
+            snapshot: data,
         };
         // Admitted only now: receiving the data may take long, installing it does not.
         let (_hold, g) = admit(&self.node, group).await?;

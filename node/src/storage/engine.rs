@@ -6,11 +6,12 @@
 //! completes them. Under load one fsync acknowledges many appends; this is where write throughput
 //! comes from.
 //!
-//! Every other write that must be durable before it returns (a Raft vote, the layout) goes the
-//! same way ([`Engine::write_durable`]) rather than as a synced RocksDB write: a synced write
-//! fsyncs while it leads RocksDB's write queue, so every writer behind it — applies and appends of
-//! every group, on the async runtime's threads — waits for that fsync too. On a slow disk that
-//! froze the whole node (found by the chaos suite's `slow-disk` nemesis, `docs/testing.md`).
+//! Every other write that must be durable before it returns (a Raft vote, the layout, the steps of
+//! a snapshot install) goes the same way ([`Engine::write_durable`],
+//! [`Engine::write_durable_blocking`]); there are no synced RocksDB writes. A synced write fsyncs
+//! while it leads RocksDB's write queue, so every writer behind it — applies and appends of every
+//! group, on the async runtime's threads — waits for that fsync too. On a slow disk that froze
+//! the whole node (found by the chaos suite's `slow-disk` nemesis, `docs/testing.md`).
 
 use std::path::Path;
 use std::sync::mpsc;
@@ -147,7 +148,7 @@ impl Engine {
         db_opts.set_max_total_wal_size(MAX_TOTAL_WAL_BYTES);
         // Unsynced writes (applies, log appends waiting for group commit) stay in RocksDB's WAL
         // buffer instead of costing a write(2) each; the syncer's flush writes and fsyncs them
-        // in one go, and every synced write flushes the buffer first. Nothing is acknowledged
+        // in one go. Nothing is acknowledged
         // from an unflushed write, and the WAL stays one ordered stream, so a crash loses only
         // a suffix of unacknowledged work — as a power loss already can.
         db_opts.set_manual_wal_flush(true);
@@ -223,13 +224,11 @@ impl Engine {
             .map(|item| item.map_err(io_err))
     }
 
-    /// Writes `batch`; with `sync` the WAL is fsynced before returning. A synced write holds
-    /// every other writer for its fsync: outside of startup and snapshot installs, use
-    /// [`write_durable`](Self::write_durable).
-    pub fn write(&self, batch: WriteBatch, sync: bool) -> std::io::Result<()> {
-        let mut opts = WriteOptions::default();
-        opts.set_sync(sync);
-        self.db.write_opt(batch, &opts).map_err(io_err)
+    /// Writes `batch` without fsync: into the memtables and RocksDB's WAL buffer, which the
+    /// syncer's next flush writes out and fsyncs. For a write that must be durable when the call
+    /// returns, use [`write_durable`](Self::write_durable).
+    pub fn write(&self, batch: WriteBatch) -> std::io::Result<()> {
+        self.db.write(batch).map_err(io_err)
     }
 
     /// A writer of an SST file for the `data` column family, in its format (see
@@ -253,15 +252,25 @@ impl Engine {
     /// the syncer's next group commit, which the caller awaits without holding a thread or
     /// RocksDB's write queue.
     pub async fn write_durable(&self, batch: WriteBatch) -> std::io::Result<()> {
-        // The chaos suite's planted bug: the old synced write, on the caller's thread.
+        // The chaos suite's planted bug: the old synced write, which fsyncs while it leads
+        // RocksDB's write queue, on the caller's thread.
         if crate::planted::active(crate::planted::Bug::BlockingSyncedWrites) {
-            return self.write(batch, true);
+            let mut opts = WriteOptions::default();
+            opts.set_sync(true);
+            return self.db.write_opt(batch, &opts).map_err(io_err);
         }
-        self.write(batch, false)?;
+        self.write(batch)?;
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.wait_for_sync(SyncWaiter::Write(tx));
         rx.await
             .unwrap_or_else(|_| Err(std::io::Error::other("WAL syncer stopped")))
+    }
+
+    /// [`write_durable`](Self::write_durable) for a thread that may block: snapshot installs
+    /// (a blocking thread) and startup. It waits like a synced write would, but does not hold
+    /// RocksDB's write queue while it waits, so the runtime threads' writes go on.
+    pub fn write_durable_blocking(&self, batch: WriteBatch) -> std::io::Result<()> {
+        futures::executor::block_on(self.write_durable(batch))
     }
 
     /// Completes `callback` after the next WAL fsync (group commit).

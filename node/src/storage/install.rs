@@ -9,11 +9,11 @@
 //!    written to a staged SST file (fsynced); a corrupt file or one whose keys are out of order
 //!    is refused here, before anything is touched;
 //! 2. the snapshot file is renamed to the group's installing file;
-//! 3. one synced write deletes the group's data and `sm_meta` and stores the install marker
+//! 3. one durable write deletes the group's data and `sm_meta` and stores the install marker
 //!    (`TAG_INSTALLING`, the snapshot's last log id);
 //! 4. the SST file is ingested into the `data` column family (durable when it returns; its
 //!    records are newer than the range deletion);
-//! 5. one synced write stores the sessions, membership and applied id and deletes the marker;
+//! 5. one durable write stores the sessions, membership and applied id and deletes the marker;
 //! 6. the installing file becomes the current snapshot.
 //!
 //! A crash after step 3 leaves the marker: [`recover`], at the next open, runs steps 1 and 3–6
@@ -192,7 +192,7 @@ fn prepare(
     })
 }
 
-/// Step 3: deletes the group's data and `sm_meta` and stores the install marker, synced.
+/// Step 3: deletes the group's data and `sm_meta` and stores the install marker, durably.
 fn clear_and_mark(
     engine: &Engine,
     group: GroupId,
@@ -204,7 +204,7 @@ fn clear_and_mark(
     b.delete_range_cf(engine.cf(CF_SM), lo, hi);
     let marker = tag_key(group, TAG_INSTALLING);
     b.put_cf(engine.cf(CF_SM), marker, encode(&meta.last_log_id));
-    engine.write(b, true)
+    engine.write_durable_blocking(b)
 }
 
 /// Steps 3–5: replaces the group's state with the prepared snapshot.
@@ -233,7 +233,7 @@ fn replace_state(
     );
     b.put_cf(sm, tag_key(group, TAG_APPLIED), encode(&meta.last_log_id));
     b.delete_cf(sm, tag_key(group, TAG_INSTALLING));
-    engine.write(b, true)?;
+    engine.write_durable_blocking(b)?;
     Ok(Installed { sessions, keys })
 }
 

@@ -3,8 +3,9 @@
 //! Contract kept here (openraft `RaftLogStorage`):
 //! - `append`: entries are written (readable) before it returns; the callback fires only after
 //!   the WAL fsync that covers them (group commit, see [`super::engine`]).
-//! - `save_vote`: written with `sync = true` before returning. Vote and appends go through the
-//!   same WAL in call order, so they are never reordered.
+//! - `save_vote`: durable before it returns (it waits for the syncer's next fsync, see
+//!   [`Engine::write_durable`]). Vote and appends go through the same WAL in call order, so they
+//!   are never reordered. While it waits, [`VoteInFlight`] tells the group whom it is voting for.
 //! - `truncate_after` / `purge`: delete a suffix / prefix; the purged marker is written in the
 //!   same batch as the deletion so the log never has a hole.
 
@@ -27,6 +28,36 @@ use crate::raft::TypeConfig;
 type Entry = EntryOf<TypeConfig>;
 type LogId = LogIdOf<TypeConfig>;
 type Vote = VoteOf<TypeConfig>;
+
+/// The node named by the vote a group's log store is making durable, if any. A node that grants
+/// another its vote, or learns of a newer leader, has given up leading, but openraft says so only
+/// once the vote is durable: its Raft core waits for that write. On a slow disk that is seconds
+/// in which clients would queue writes and reads behind a leadership already gone; the
+/// [`Group`](crate::raft::Group) reads this to turn them away at once instead.
+#[derive(Clone, Debug, Default)]
+pub struct VoteInFlight(Arc<Mutex<Option<u64>>>);
+
+impl VoteInFlight {
+    /// The node the vote being made durable names (leader or candidate).
+    pub fn node(&self) -> Option<u64> {
+        *self.0.lock().expect("vote in flight poisoned")
+    }
+
+    /// Records `node` until the returned guard is dropped.
+    fn saving(&self, node: u64) -> SavingVote<'_> {
+        *self.0.lock().expect("vote in flight poisoned") = Some(node);
+        SavingVote(self)
+    }
+}
+
+/// Clears the [`VoteInFlight`] when the vote write ends, whether it succeeded or not.
+struct SavingVote<'a>(&'a VoteInFlight);
+
+impl Drop for SavingVote<'_> {
+    fn drop(&mut self) {
+        *self.0 .0.lock().expect("vote in flight poisoned") = None;
+    }
+}
 
 /// Bound of the in-memory log tail per group, in entries and in payload bytes. Replication and
 /// apply read the newest entries again right after appending them; serving those reads from
@@ -101,6 +132,7 @@ pub struct LogStore {
     engine: Arc<Engine>,
     /// The in-memory log tail. A `std` mutex: never held across an await.
     tail: Arc<Mutex<Tail>>,
+    vote_in_flight: VoteInFlight,
 }
 
 impl LogStore {
@@ -110,7 +142,13 @@ impl LogStore {
             group,
             engine,
             tail: Arc::new(Mutex::new(Tail::default())),
+            vote_in_flight: VoteInFlight::default(),
         }
+    }
+
+    /// Whom the vote being made durable names, shared with the group.
+    pub fn vote_in_flight(&self) -> VoteInFlight {
+        self.vote_in_flight.clone()
     }
 
     fn tail(&self) -> std::sync::MutexGuard<'_, Tail> {
@@ -235,6 +273,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let e = &self.engine;
         let mut b = WriteBatch::default();
         b.put_cf(e.cf(CF_STATE), tag_key(self.group, TAG_VOTE), encode(vote));
+        let _saving = self.vote_in_flight.saving(vote.leader_id().node_id);
         e.write_durable(b).await
     }
 
@@ -254,7 +293,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         for entry in &entries {
             b.put_cf(cf, log_key(self.group, entry.index()), encode(entry));
         }
-        e.write(b, false)?;
+        e.write(b)?;
         let mut tail = self.tail();
         for entry in entries {
             tail.push_back(entry);
@@ -283,7 +322,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             log_key(self.group, first_removed),
             log_key(self.group + 1, 0),
         );
-        e.write(b, false)
+        e.write(b)
     }
 
     async fn purge(&mut self, log_id: LogId) -> std::io::Result<()> {
@@ -309,6 +348,31 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             log_key(self.group, 0),
             log_key(self.group, log_id.index() + 1),
         );
-        e.write(b, false)
+        e.write(b)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use openraft::storage::RaftLogReader;
+
+    #[tokio::test]
+    async fn a_vote_being_stored_names_its_node_until_it_is_durable() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = Engine::open(&dir.path().join("db"), 16 << 20).unwrap();
+        let mut log = LogStore::new(engine, 3);
+        let in_flight = log.vote_in_flight();
+        assert_eq!(in_flight.node(), None);
+        {
+            let _saving = in_flight.saving(2);
+            assert_eq!(in_flight.node(), Some(2), "seen through the shared handle");
+        }
+        assert_eq!(in_flight.node(), None);
+
+        let vote = Vote::new(4, 2);
+        log.save_vote(&vote).await.unwrap();
+        assert_eq!(in_flight.node(), None, "cleared once the vote is durable");
+        assert_eq!(log.read_vote().await.unwrap(), Some(vote));
     }
 }

@@ -172,7 +172,7 @@ fn client_of(key: &[u8]) -> std::io::Result<u64> {
 
 /// Sessions as nodes before 2026-12-02 stored them: an outcome record per `(client, sequence)`
 /// (tag `d`) and a `floor ‖ last index` record per client (tag `f`). A data dir of such a node is
-/// converted once, at open, in one synced write; this module can go once no such data dir is left.
+/// converted once, at open, in one durable write; this module can go once no such data dir is left.
 mod legacy {
     use super::*;
 
@@ -211,7 +211,7 @@ mod legacy {
             clients = sessions.len(),
             "converted old session records"
         );
-        engine.write(batch, true)
+        engine.write_durable_blocking(batch)
     }
 }
 
@@ -233,7 +233,7 @@ mod tests {
     fn save(t: &mut SessionTable, engine: &Engine) {
         let mut b = WriteBatch::default();
         t.write_changed(engine, &mut b);
-        engine.write(b, false).unwrap();
+        engine.write(b).unwrap();
     }
 
     #[test]
@@ -317,7 +317,7 @@ mod tests {
             let key = [client_key(b'd'), seq.to_be_bytes().to_vec()].concat();
             b.put_cf(cf, key, encode(&Outcome::Put { version: seq * 10 }));
         }
-        engine.write(b, false).unwrap();
+        engine.write(b).unwrap();
 
         let loaded = SessionTable::load(&engine, 1).unwrap();
         let s = &loaded.sessions()[&5];

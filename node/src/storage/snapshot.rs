@@ -30,7 +30,7 @@ use tokio::task::JoinHandle;
 use super::dirs::{create_dir_durable, remove_file_durable, sync_dir};
 use super::keys::{group_range, CF_DATA};
 use super::snapshot_format::{Sessions, SnapshotReader, SnapshotWriter, MAGIC};
-use super::Engine;
+use super::{on_blocking_thread, Engine};
 use crate::layout::GroupId;
 use crate::raft::TypeConfig;
 
@@ -87,8 +87,14 @@ impl StagedFile {
 
 impl Drop for StagedFile {
     fn drop(&mut self) {
-        // After a rename into place the name is gone and this is a no-op.
-        let _ = std::fs::remove_file(&self.path);
+        // After a rename into place the name is gone and this is a no-op. An unlink may wait for
+        // the disk: dropped on the async runtime, it runs on a blocking thread.
+        let path = std::mem::take(&mut self.path);
+        let remove = move || drop(std::fs::remove_file(path));
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => drop(runtime.spawn_blocking(remove)),
+            Err(_) => remove(),
+        }
     }
 }
 
@@ -316,15 +322,14 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
         // that a slow disk holds up this build only, not a runtime worker (and every group's
         // work on it).
         let (files, meta) = (self.file.clone(), self.meta.clone());
-        let file = tokio::task::spawn_blocking(move || {
+        let file = on_blocking_thread(move || {
             // Opened before publishing: the handle stays valid whether the file is renamed into
             // place or dropped because a newer snapshot was installed meanwhile.
             let file = File::open(&staged.path)?;
             files.publish(staged, &meta)?;
-            Ok::<_, std::io::Error>(file)
+            Ok(file)
         })
-        .await
-        .map_err(std::io::Error::other)??;
+        .await?;
         Ok(openraft::Snapshot {
             meta: self.meta.clone(),
             snapshot: SnapshotData { file, staged: None },

@@ -29,7 +29,7 @@ use super::keys::{
 };
 use super::sessions::{ClientSession, SessionTable};
 use super::snapshot::{SnapshotBuilder, SnapshotData, SnapshotFile};
-use super::{io_err, Engine};
+use super::{io_err, on_blocking_thread, Engine};
 use crate::layout::GroupId;
 use crate::raft::codec::{decode, encode};
 use crate::raft::{BatchOp, Command, Op, Outcome, TypeConfig};
@@ -195,7 +195,7 @@ impl StateMachine {
         self.sessions.write_changed(&self.engine, &mut batch);
         let sm = self.engine.cf(CF_SM);
         batch.put_cf(sm, tag_key(self.group, TAG_APPLIED), encode(&self.applied));
-        self.engine.write(batch, false)
+        self.engine.write(batch)
     }
 }
 
@@ -419,21 +419,19 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         meta: &SnapshotMetaOf<TypeConfig>,
         snapshot: SnapshotData,
     ) -> std::io::Result<()> {
-        // A received snapshot is already a staged file; one handed over otherwise is copied.
-        let (file, staged) = snapshot.into_parts();
-        let staged = match staged {
-            Some(staged) => staged,
-            None => self.snapshot.copy_to_stage(file)?,
-        };
         // Seconds of disk work for a large shard: on a blocking thread, not a runtime worker
         // (the applies wait anyway; heartbeats and other groups must not).
         let (engine, group, files) = (self.engine.clone(), self.group, self.snapshot.clone());
         let (installs, install_meta) = (self.installs.clone(), meta.clone());
-        let installed = tokio::task::spawn_blocking(move || {
+        let installed = on_blocking_thread(move || {
+            // A received snapshot is already a staged file; one handed over otherwise is copied.
+            let staged = match snapshot.into_parts() {
+                (_, Some(staged)) => staged,
+                (file, None) => files.copy_to_stage(file)?,
+            };
             install::install(&engine, group, &files, staged, &install_meta, &installs)
         })
-        .await
-        .map_err(std::io::Error::other)??;
+        .await?;
         self.applied = meta.last_log_id;
         self.membership = meta.last_membership.clone();
         self.sessions = installed.sessions;
@@ -443,6 +441,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     async fn get_current_snapshot(
         &mut self,
     ) -> std::io::Result<Option<SnapshotOf<TypeConfig, SnapshotData>>> {
-        self.snapshot.load()
+        let files = self.snapshot.clone();
+        on_blocking_thread(move || files.load()).await
     }
 }
