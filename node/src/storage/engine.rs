@@ -148,9 +148,9 @@ impl Engine {
         db_opts.set_max_total_wal_size(MAX_TOTAL_WAL_BYTES);
         // Unsynced writes (applies, log appends waiting for group commit) stay in RocksDB's WAL
         // buffer instead of costing a write(2) each; the syncer's flush writes and fsyncs them
-        // in one go. Nothing is acknowledged
-        // from an unflushed write, and the WAL stays one ordered stream, so a crash loses only
-        // a suffix of unacknowledged work — as a power loss already can.
+        // in one go. Nothing is acknowledged from an unflushed write, and the WAL stays one
+        // ordered stream, so a crash loses only a suffix of unacknowledged work — as a power
+        // loss already can.
         db_opts.set_manual_wal_flush(true);
         // Reused WAL files are overwritten in place, so the group-commit fsync does not also have
         // to persist a growing file size.
