@@ -86,8 +86,8 @@ const SLOW_DISK_STALL_LIMIT: Duration = Duration::from_secs(1);
 
 /// Slows the disk of a node (half the time the leader of `shard`). From that moment on, for
 /// [`SLOW_DISK_NOTICED`] and the hold, probe writes check that no write waits longer than
-/// [`SLOW_DISK_STALL_LIMIT`], and status calls that the slow node never leaves them all
-/// unanswered as long — while the placement driver moves the node's leaderships away, and
+/// [`SLOW_DISK_STALL_LIMIT`], and status calls that the slow node never goes that long without
+/// answering one — while the placement driver moves the node's leaderships away, and
 /// while, once the nodes had [`SLOW_DISK_NOTICED`] to notice, the nemesis asks for a leadership
 /// to be moved to the node (which must be refused) and makes it store a Raft vote (a leadership
 /// moved between the other two replicas of a shard it follows).
@@ -101,7 +101,10 @@ pub(super) async fn slow_disk(run: &mut Run<'_>, shard: u64) -> anyhow::Result<C
         format!("{target}: fsyncs answered {SLOW_FSYNC:?} late"),
     );
     let (client, stop, probed_for) = (run.client, run.stop, SLOW_DISK_NOTICED + run.timing.hold);
-    let addr = run.cluster.addr(target).unwrap_or_default();
+    let addr = run
+        .cluster
+        .addr(target)
+        .ok_or_else(|| anyhow::anyhow!("node {target} has no client address"))?;
     let probing = probe_writes(client, probed_for, stop);
     let answering = longest_silence(client, &addr, probed_for, stop);
     let moves = async {
