@@ -3,7 +3,7 @@
 //! cluster keeps serving every acknowledged write, Ctrl-C stops every node, and running
 //! `dev up` again brings the data back.
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::Mutex;
@@ -119,13 +119,29 @@ impl Drop for DevUp {
 }
 
 fn strata(dir: &Path, args: &[&str]) -> Output {
+    strata_command(dir, args).output().expect("run strata")
+}
+
+/// Runs `strata` with `input` on its standard input.
+fn strata_with_input(dir: &Path, args: &[&str], input: &[u8]) -> Output {
+    let mut child = strata_command(dir, args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run strata");
+    child.stdin.take().unwrap().write_all(input).unwrap();
+    child.wait_with_output().expect("run strata")
+}
+
+fn strata_command(dir: &Path, args: &[&str]) -> Command {
     let file = ClusterFile::load(dir).unwrap().unwrap();
-    Command::new(STRATA)
+    let mut command = Command::new(STRATA);
+    command
         .arg("--endpoints")
         .arg(file.endpoints().join(","))
-        .args(args)
-        .output()
-        .expect("run strata")
+        .args(args);
+    command
 }
 
 fn ok(out: Output) -> String {
@@ -228,6 +244,29 @@ fn dev_up_serves_the_cli_survives_a_kill_and_restarts_with_its_data() {
     let bad = strata(&dir, &["put", "", "v"]);
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("key is empty"));
+
+    eprintln!("--- binary values: put from standard input, get --raw gives the same bytes");
+    let binary = b"\0\xff\n\tbytes\r\n".to_vec();
+    ok(strata_with_input(&dir, &["put", "blob"], &binary));
+    let raw = strata(&dir, &["get", "blob", "--raw"]);
+    assert!(
+        raw.status.success(),
+        "{}",
+        String::from_utf8_lossy(&raw.stderr)
+    );
+    assert_eq!(raw.stdout, binary);
+    let missing = strata(&dir, &["get", "no-such-key", "--raw"]);
+    assert!(!missing.status.success());
+    assert!(missing.stdout.is_empty());
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("key no-such-key not found"));
+    let too_big = strata_with_input(&dir, &["put", "blob"], &vec![b'x'; (1 << 20) + 1]);
+    assert!(!too_big.status.success());
+    assert!(String::from_utf8_lossy(&too_big.stderr).contains("the limit is 1048576"));
+    assert_eq!(
+        strata(&dir, &["get", "blob", "--raw"]).stdout,
+        binary,
+        "a refused put changed it"
+    );
 
     eprintln!("--- Ctrl-C stops every node");
     dev.ctrl_c();

@@ -1,5 +1,8 @@
 //! `strata get | put | del | scan | cas`.
 
+use std::io::{IsTerminal, Read, Write};
+
+use anyhow::Context;
 use bytes::Bytes;
 use clap::{Args, ValueEnum};
 use serde::Serialize;
@@ -38,6 +41,10 @@ pub struct GetArgs {
     /// Read consistency.
     #[arg(long, value_enum, default_value = "linearizable")]
     pub consistency: ConsistencyArg,
+    /// Print only the value, byte for byte, with nothing added (for binary values and scripts:
+    /// `strata get photo:1 --raw > photo.jpg`); ignores `-o`. A missing key is an error.
+    #[arg(long)]
+    pub raw: bool,
 }
 
 /// `strata put`.
@@ -45,9 +52,15 @@ pub struct GetArgs {
 pub struct PutArgs {
     /// The key.
     pub key: String,
-    /// The value.
-    pub value: String,
+    /// The value. Without it, the value is read from standard input, byte for byte
+    /// (`strata put photo:1 < photo.jpg`).
+    pub value: Option<String>,
 }
+
+/// Most bytes `strata put` reads from standard input. Nodes refuse values over their
+/// `max_value_bytes` (1 MiB by default) anyway; this only keeps `strata put k < /dev/zero` from
+/// filling the memory before the node can say so.
+const MAX_STDIN_VALUE_BYTES: u64 = 256 << 20;
 
 /// `strata del`.
 #[derive(Args, Debug)]
@@ -104,6 +117,15 @@ struct RecordOut {
 pub async fn get(cli: &Cli, a: &GetArgs) -> anyhow::Result<()> {
     let client = cli.client().await?;
     let r = client.get_with(a.key.clone(), a.consistency.into()).await?;
+    if a.raw {
+        let Some(r) = r else {
+            anyhow::bail!("key {} not found", a.key);
+        };
+        let mut stdout = std::io::stdout().lock();
+        stdout.write_all(&r.value)?;
+        stdout.flush()?;
+        return Ok(());
+    }
     let out = RecordOut {
         key: a.key.clone(),
         found: r.is_some(),
@@ -126,8 +148,12 @@ struct WriteOut {
 
 /// Runs `strata put`.
 pub async fn put(cli: &Cli, a: &PutArgs) -> anyhow::Result<()> {
+    let value = match &a.value {
+        Some(v) => Bytes::from(v.clone()),
+        None => value_from_stdin()?,
+    };
     let client = cli.client().await?;
-    let version = client.put(a.key.clone(), a.value.clone()).await?;
+    let version = client.put(a.key.clone(), value).await?;
     let out = WriteOut {
         key: a.key.clone(),
         version,
@@ -135,6 +161,29 @@ pub async fn put(cli: &Cli, a: &PutArgs) -> anyhow::Result<()> {
     emit(cli.output, &out, &["KEY", "VERSION"], |o| {
         vec![vec![o.key.clone(), o.version.to_string()]]
     })
+}
+
+/// The whole of standard input, refused when it is a terminal: a user who left out the value
+/// by mistake gets told so instead of a command that seems to hang.
+fn value_from_stdin() -> anyhow::Result<Bytes> {
+    let stdin = std::io::stdin();
+    if stdin.is_terminal() {
+        anyhow::bail!("no value given: pass it after the key, or pipe it on standard input");
+    }
+    read_value(stdin.lock(), MAX_STDIN_VALUE_BYTES)
+}
+
+/// All of `input`, or an error naming `limit` if there is more.
+fn read_value(input: impl Read, limit: u64) -> anyhow::Result<Bytes> {
+    let mut value = Vec::new();
+    input
+        .take(limit + 1)
+        .read_to_end(&mut value)
+        .context("read the value from standard input")?;
+    if value.len() as u64 > limit {
+        anyhow::bail!("the value on standard input is over {limit} bytes");
+    }
+    Ok(Bytes::from(value))
 }
 
 #[derive(Serialize)]
@@ -242,4 +291,25 @@ pub async fn cas(cli: &Cli, a: &CasArgs) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_value_read_from_input_keeps_every_byte() {
+        let bytes = b"a\0b\n\xff".to_vec();
+        assert_eq!(read_value(&bytes[..], 5).unwrap(), Bytes::from(bytes));
+        assert_eq!(read_value(&b""[..], 5).unwrap(), Bytes::new());
+    }
+
+    #[test]
+    fn a_value_over_the_input_limit_is_refused() {
+        let err = read_value(&b"123456"[..], 5).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "the value on standard input is over 5 bytes"
+        );
+    }
 }
