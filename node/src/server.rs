@@ -15,12 +15,14 @@ use strata_proto::v1::kv_server::KvServer;
 use strata_proto::v1::raft_server::RaftServer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::server::TcpIncoming;
 
 use crate::config::NodeConfig;
 use crate::layout::{Layout, META_GROUP};
 use crate::membership::meta::{self, LAYOUT_META_KEY};
 use crate::membership::{driver, reconcile};
+use crate::raft::identity::PeerIdentity;
 use crate::raft::network::PeerPool;
 use crate::service::cluster::ClusterService;
 use crate::service::kv::KvService;
@@ -58,12 +60,15 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> anyh
         .with_context(|| format!("clear staged snapshots in {}", snapshot_dir.display()))?;
 
     let bind_ip = Some(config.peer_addr.ip()).filter(|ip| !ip.is_unspecified());
+    let identity = PeerIdentity::open(engine.clone(), id)
+        .await
+        .context("open this node's identity")?;
     let node = Arc::new(NodeState::new(NodeParts {
-        id,
         layout: Layout::empty(),
         limits: config.limits.clone(),
         engine: engine.clone(),
         pool: PeerPool::new(
+            identity.clone(),
             &[],
             bind_ip,
             PEER_MESSAGE_BYTES,
@@ -95,11 +100,18 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> anyh
         .add_service(ClusterServer::new(ClusterService::new(node.clone())))
         .serve_with_incoming_shutdown(incoming(client_listener), stopped(stop_rx.clone()));
     let peer_server = tonic::transport::Server::builder()
-        .add_service(
+        .add_service(InterceptedService::new(
             RaftServer::new(TransportService::new(node.clone()))
                 .max_decoding_message_size(PEER_MESSAGE_BYTES)
                 .max_encoding_message_size(PEER_MESSAGE_BYTES),
-        )
+            {
+                let identity = identity.clone();
+                move |request: tonic::Request<()>| {
+                    identity.check(request.metadata())?;
+                    Ok(request)
+                }
+            },
+        ))
         .serve_with_incoming_shutdown(incoming(peer_listener), stopped(stop_rx.clone()));
     let mut client_task = tokio::spawn(client_server);
     let peer_task = tokio::spawn(peer_server);
@@ -118,16 +130,17 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> anyh
 
     // A group that failed on its own stops the whole node (see `Groups::failed`), the same way
     // as a signal, but the node then exits with an error.
+    // So does a peer that knows this node by another data directory (see `raft::identity`).
     let failure = tokio::select! {
         _ = shutdown => None,
-        why = node.groups.failed() => Some(why),
+        why = node.groups.failed() => Some(format!(
+            "{why}; stopping the node (fix the cause, e.g. free disk space, then restart it with its data directory)"
+        )),
+        why = identity.lost() => Some(format!("{why}; stopping the node")),
     };
     match &failure {
         None => tracing::info!(node = node.id(), "shutting down"),
-        Some(why) => tracing::error!(
-            node = node.id(),
-            "{why}; stopping the node (fix the cause, e.g. free disk space, then restart it with its data directory)"
-        ),
+        Some(why) => tracing::error!(node = node.id(), "{why}"),
     }
     hand_over_leaderships(&node).await;
     let _ = stop_tx.send(true);

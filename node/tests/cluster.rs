@@ -1,7 +1,7 @@
 //! Multi-node tests on real `strata-node` processes: routing to every shard, leader failover
 //! without losing acknowledged writes, catch-up after restart, reads after every node was killed
-//! at once, lease reads without a lease, exactly-once retries, and bad input that must change
-//! nothing.
+//! at once, lease reads without a lease, exactly-once retries, bad input that must change
+//! nothing, and a node whose data directory was wiped.
 
 mod common;
 
@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::{phase, put_all, Acked, TestCluster};
+use common::{assert_all_readable, phase, put_all, Acked, TestCluster};
 use strata_client::{BatchOp, Consistency, Error, ScanOptions};
 use strata_proto::v1::kv_client::KvClient;
 use strata_proto::v1::{
@@ -737,4 +737,44 @@ async fn concurrent_puts_share_batches_yet_stay_separate_writes() {
             "{k}"
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_restarted_with_a_wiped_data_directory_stops_instead_of_taking_part() {
+    let mut tc = TestCluster::start(3, 4).await;
+    let client = tc.client().await;
+
+    phase("write, then kill node 2 and wipe its Raft state (a replaced disk)");
+    let acked = put_all(&client, "before-wipe", 100).await;
+    tc.cluster.kill_node(2).expect("kill");
+    let data_dir = tc.cluster.file().nodes[1].data_dir.clone();
+    for state in ["db", "snapshots"] {
+        let _ = std::fs::remove_dir_all(data_dir.join(state));
+    }
+
+    phase("started again with its old flags, it stops itself and says why");
+    tc.cluster.start_node(2).expect("restart");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = tc.cluster.exit_status(2) {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the wiped node kept running:\n{}",
+            tc.cluster.log_tail(2, 20)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(!status.success(), "{status}");
+    let log = tc.cluster.log_tail(2, 20);
+    assert!(
+        log.contains("by another data directory")
+            && log.contains("strata node remove --id 2 --force"),
+        "{log}"
+    );
+
+    phase("the other two keep serving every acknowledged write, and new ones");
+    assert_all_readable(&client, &acked).await;
+    put_all(&client, "after-wipe", 20).await;
 }

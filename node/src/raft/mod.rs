@@ -4,6 +4,8 @@
 //! - [`types`]: the type configuration and the [`types::Command`] a shard's log carries.
 //! - [`codec`]: bincode encoding of openraft messages and log entries.
 //! - [`network`]: the peer pool: one tonic channel per peer node shared by every group.
+//! - [`identity`]: each data directory's incarnation, carried and checked on every peer request,
+//!   so a node that lost its Raft state cannot take part under its old id.
 //! - [`peer_link`]: the AppendEntries of every group bound for one peer, on one gRPC stream.
 //! - [`append_stream`]: a replication session's AppendEntries, with commit-only requests merged
 //!   into the next entries.
@@ -16,6 +18,7 @@ pub mod append_stream;
 pub mod codec;
 pub mod group;
 pub mod hand_over;
+pub mod identity;
 pub mod network;
 pub mod peer_link;
 pub mod read_batch;

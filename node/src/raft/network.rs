@@ -25,11 +25,13 @@ use openraft_multi::{GroupNetworkFactory, GroupRouter};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use strata_proto::v1::raft_client::RaftClient;
-use strata_proto::v1::{RaftRequest, SnapshotChunk};
+use strata_proto::v1::{PeerHello, RaftRequest, SnapshotChunk};
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
 use super::append_stream::{CoalescingSession, COMMIT_LINGER};
 use super::codec::{decode, encode};
+use super::identity::{PeerIdentity, Stamp};
 use super::peer_link::PeerLink;
 use super::snapshot_pace::SnapshotPace;
 use super::TypeConfig;
@@ -38,6 +40,10 @@ use crate::storage::snapshot::SnapshotData;
 
 /// Snapshot data travels in chunks of this size.
 const SNAPSHOT_CHUNK_BYTES: usize = 1 << 20;
+
+/// A client of one peer's `Raft` service whose requests carry this node's identity (see
+/// [`crate::raft::identity`]).
+pub type PeerClient = RaftClient<InterceptedService<Channel, Stamp>>;
 
 /// Connections to every peer node, shared by all groups. Cheap to clone.
 #[derive(Clone)]
@@ -49,7 +55,7 @@ struct PoolInner {
     /// Peer address of every known node.
     addrs: RwLock<HashMap<u64, String>>,
     /// One client per peer, created on first use; tonic reconnects it as needed.
-    clients: Mutex<HashMap<u64, RaftClient<Channel>>>,
+    clients: Mutex<HashMap<u64, PeerClient>>,
     /// One AppendEntries stream per peer, over that peer's client, created on first use.
     links: Mutex<HashMap<u64, PeerLink>>,
     /// Local IP outgoing connections bind to (`None`: any).
@@ -60,6 +66,8 @@ struct PoolInner {
     snapshot_pace: SnapshotPace,
     /// How long an AppendEntries waits for its answer (see [`PeerPool::new`]).
     append_timeout: Duration,
+    /// This node's identity, stamped on every request, and the peers' identities.
+    identity: Arc<PeerIdentity>,
 }
 
 /// Which peer RPC to call.
@@ -81,6 +89,7 @@ impl PeerPool {
     /// as long as the follower would wait for the leader: the minimum election timeout, which is
     /// also what openraft gives a vote request.
     pub fn new(
+        identity: Arc<PeerIdentity>,
         nodes: &[NodeSpec],
         bind_ip: Option<IpAddr>,
         max_message: usize,
@@ -97,6 +106,7 @@ impl PeerPool {
                 max_message,
                 snapshot_pace: SnapshotPace::new(snapshot_bytes_per_sec),
                 append_timeout,
+                identity,
             }),
         }
     }
@@ -110,7 +120,12 @@ impl PeerPool {
         }
     }
 
-    fn client(&self, target: u64) -> Result<RaftClient<Channel>, Unreachable<TypeConfig>> {
+    /// This node's identity and the peers'.
+    pub fn identity(&self) -> &Arc<PeerIdentity> {
+        &self.inner.identity
+    }
+
+    fn client(&self, target: u64) -> Result<PeerClient, Unreachable<TypeConfig>> {
         let mut clients = self.inner.clients.lock().expect("clients poisoned");
         if let Some(c) = clients.get(&target) {
             return Ok(c.clone());
@@ -126,22 +141,39 @@ impl PeerPool {
                 Unreachable::from_string(format!("node {target} has no known address"))
             })?;
         let client = self
-            .client_at(&addr)
+            .new_client(&addr, Some(target))
             .map_err(|e| Unreachable::from_string(e.to_string()))?;
         clients.insert(target, client.clone());
+        if !self.inner.identity.knows(target) {
+            tokio::spawn(introduce(
+                self.inner.identity.clone(),
+                target,
+                client.clone(),
+            ));
+        }
         Ok(client)
     }
 
     /// A new client for the peer service at `addr` (not pooled: for probing a node that is not
     /// part of the cluster yet).
-    pub fn client_at(&self, addr: &str) -> Result<RaftClient<Channel>, tonic::transport::Error> {
+    pub fn client_at(&self, addr: &str) -> Result<PeerClient, tonic::transport::Error> {
+        self.new_client(addr, None)
+    }
+
+    /// A client for node `id`'s (`None`: an unknown node's) peer service at `addr`.
+    fn new_client(
+        &self,
+        addr: &str,
+        id: Option<u64>,
+    ) -> Result<PeerClient, tonic::transport::Error> {
         let endpoint = Endpoint::from_shared(format!("http://{addr}"))?
             .connect_timeout(Duration::from_secs(1))
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(5))
             .keep_alive_timeout(Duration::from_secs(5))
             .local_address(self.inner.bind_ip);
-        Ok(RaftClient::new(endpoint.connect_lazy())
+        let stamp = self.inner.identity.stamp(id);
+        Ok(RaftClient::with_interceptor(endpoint.connect_lazy(), stamp)
             .max_decoding_message_size(self.inner.max_message)
             .max_encoding_message_size(self.inner.max_message))
     }
@@ -173,7 +205,7 @@ impl PeerPool {
     }
 
     /// The pooled client of node `target`, for the placement driver's calls.
-    pub fn peer(&self, target: u64) -> Result<RaftClient<Channel>, String> {
+    pub fn peer(&self, target: u64) -> Result<PeerClient, String> {
         self.client(target).map_err(|e| e.to_string())
     }
 
@@ -200,6 +232,42 @@ impl PeerPool {
             .map_err(|s| unreachable(target, rpc, &s))?
             .into_inner();
         decode_reply(&reply.payload)
+    }
+}
+
+/// Most time between two attempts to learn a peer's identity.
+const INTRODUCE_BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+/// Learns node `target`'s identity with a `Hello`, retrying until it answers: until then, this
+/// node's requests cannot tell it which incarnation they expect.
+async fn introduce(identity: Arc<PeerIdentity>, target: u64, mut client: PeerClient) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let hello = PeerHello {
+            node_id: identity.id(),
+            incarnation: identity.incarnation(),
+        };
+        match client.hello(hello).await {
+            Ok(reply) => {
+                let reply = reply.into_inner();
+                if reply.node_id != target {
+                    tracing::warn!(
+                        peer = target,
+                        answered = reply.node_id,
+                        "a node with another id answered at this peer's address"
+                    );
+                } else {
+                    // A refusal is logged by `learn`; the old record stays, so this node's
+                    // requests go on naming the incarnation it knew and the peer stops itself.
+                    let _ = identity.learn(target, reply.incarnation);
+                }
+                return;
+            }
+            Err(_) => {
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(INTRODUCE_BACKOFF_MAX);
+            }
+        }
     }
 }
 

@@ -15,13 +15,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use strata_proto::v1::raft_client::RaftClient;
 use strata_proto::v1::{AppendBatch, AppendBatchReply, AppendItem};
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::UnboundedReceiverStream;
-use tonic::transport::Channel;
 use tonic::Streaming;
 
+use super::network::PeerClient;
 use crate::layout::GroupId;
 
 /// Longest wait for a peer to accept a new stream; the requests waiting for it fail after it.
@@ -55,7 +54,7 @@ pub struct PeerLink {
 impl PeerLink {
     /// A link to node `peer`, reached through `client`. The stream is opened on the first
     /// request and reopened on the next request after it breaks.
-    pub fn spawn(peer: u64, client: RaftClient<Channel>) -> PeerLink {
+    pub fn spawn(peer: u64, client: PeerClient) -> PeerLink {
         let (calls, queue) = mpsc::unbounded_channel();
         let down = Arc::new(AtomicBool::new(false));
         let reachability = Reachability {
@@ -128,7 +127,7 @@ impl Reachability {
 /// routes answers until the stream breaks, then waits for the next request.
 async fn run(
     mut reachability: Reachability,
-    client: RaftClient<Channel>,
+    client: PeerClient,
     mut queue: mpsc::UnboundedReceiver<Call>,
 ) {
     while let Some(first) = queue.recv().await {

@@ -9,7 +9,7 @@ pub mod kv;
 pub mod transport;
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -24,8 +24,6 @@ use crate::storage::Engine;
 
 /// What every service of this node needs.
 pub struct NodeState {
-    /// This node's id; 0 while a joining node waits to be added.
-    id: AtomicU64,
     /// The newest layout this node has adopted (see [`crate::membership::reconcile`]).
     layout: RwLock<Arc<Layout>>,
     /// The groups hosted here.
@@ -80,15 +78,13 @@ impl Membership {
 
 /// The parts of a [`NodeState`] fixed at start.
 pub struct NodeParts {
-    /// Node id (0 = joining).
-    pub id: u64,
     /// The layout to start with.
     pub layout: Layout,
     /// Input limits.
     pub limits: Limits,
     /// Storage.
     pub engine: Arc<Engine>,
-    /// Peer connections.
+    /// Peer connections; its identity holds the node id (0 = joining).
     pub pool: PeerPool,
     /// Raft settings.
     pub raft_timings: RaftTimings,
@@ -104,7 +100,6 @@ impl NodeState {
     /// A node state with no groups started yet.
     pub fn new(p: NodeParts) -> NodeState {
         NodeState {
-            id: AtomicU64::new(p.id),
             layout: RwLock::new(Arc::new(p.layout)),
             groups: Groups::default(),
             limits: p.limits,
@@ -170,12 +165,12 @@ impl NodeState {
 
     /// This node's id (0 while joining).
     pub fn id(&self) -> u64 {
-        self.id.load(Ordering::Acquire)
+        self.pool.identity().id()
     }
 
     /// Records the id the cluster gave this node.
     pub(crate) fn set_id(&self, id: u64) {
-        self.id.store(id, Ordering::Release);
+        self.pool.identity().set_id(id);
     }
 
     /// The layout this node routes with.

@@ -11,7 +11,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use strata_proto::v1::raft_server::Raft;
 use strata_proto::v1::{
-    AdminReply, AppendAnswer, AppendBatch, AppendBatchReply, LayoutExchange, RaftReply,
+    AdminReply, AppendAnswer, AppendBatch, AppendBatchReply, LayoutExchange, PeerHello, RaftReply,
     RaftRequest, SetVotersRequest, SnapshotChunk, TransferLeadershipRequest,
 };
 use tokio::io::AsyncWriteExt;
@@ -243,6 +243,15 @@ impl Raft for TransportService {
                 .map_err(|e| Status::internal(format!("adopt layout: {e:#}")))?;
         }
         Ok(Response::new(describe(&self.node)))
+    }
+
+    /// Names this node (the caller's own identity was checked and recorded from its header).
+    async fn hello(&self, _req: Request<PeerHello>) -> Result<Response<PeerHello>, Status> {
+        let identity = self.node.pool.identity();
+        Ok(Response::new(PeerHello {
+            node_id: identity.id(),
+            incarnation: identity.incarnation(),
+        }))
     }
 
     async fn set_voters(

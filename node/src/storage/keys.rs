@@ -34,6 +34,22 @@ pub const LAYOUT_KEY: &[u8] = b"L";
 /// The node-wide key of this node's id in `raft_state`, written when a joining node is added.
 pub const NODE_ID_KEY: &[u8] = b"I";
 
+/// The node-wide key of this data directory's incarnation in `raft_state` (see
+/// `raft::identity`).
+pub const INCARNATION_KEY: &[u8] = b"N";
+
+/// First byte of a peer's known incarnation in `raft_state`: `P ‖ peer id`. As a group-prefixed
+/// key it would belong to a group id above 2^62, which never exists.
+pub const PEER_INCARNATION_TAG: u8 = b'P';
+
+/// `P ‖ peer id`.
+pub fn peer_incarnation_key(peer: u64) -> [u8; 9] {
+    let mut k = [0; 9];
+    k[0] = PEER_INCARNATION_TAG;
+    k[1..].copy_from_slice(&peer.to_be_bytes());
+    k
+}
+
 /// `group ‖ index`.
 pub fn log_key(group: GroupId, index: u64) -> [u8; 16] {
     let mut k = [0; 16];
