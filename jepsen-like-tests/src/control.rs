@@ -42,6 +42,8 @@ pub struct Cluster {
     paused: BTreeSet<u64>,
     /// Nodes currently down — SIGKILLed or stopped — to be restarted.
     down: BTreeSet<u64>,
+    /// Nodes gone for good (their data directory was wiped): never restarted, never a target.
+    retired: BTreeSet<u64>,
     /// Partition rules are in place.
     partitioned: bool,
     /// Nodes running with their clock at another rate ([`Cluster::skew_clock`]).
@@ -112,6 +114,7 @@ impl Cluster {
             nodes: launched,
             paused: BTreeSet::new(),
             down: BTreeSet::new(),
+            retired: BTreeSet::new(),
             partitioned: false,
             skewed: BTreeSet::new(),
             slow_net,
@@ -147,7 +150,9 @@ impl Cluster {
     pub fn healthy(&self) -> Vec<u64> {
         self.ids()
             .into_iter()
-            .filter(|id| !self.paused.contains(id) && !self.down.contains(id))
+            .filter(|id| {
+                !self.paused.contains(id) && !self.down.contains(id) && !self.retired.contains(id)
+            })
             .collect()
     }
 
@@ -159,6 +164,35 @@ impl Cluster {
         self.nodes.kill_node(id)?;
         self.down.insert(id);
         Ok(())
+    }
+
+    /// Deletes the Raft state of node `id`, which must be down — its database and snapshots, as
+    /// a replaced disk would — and starts it again with its old flags.
+    pub fn wipe_and_restart(&mut self, id: u64) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            self.down.contains(&id),
+            "node {id} must be down to be wiped"
+        );
+        let data_dir = self.entry(id).context("no such node")?.data_dir.clone();
+        for state in ["db", "snapshots"] {
+            let path = data_dir.join(state);
+            match std::fs::remove_dir_all(&path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(e).with_context(|| format!("wipe {}", path.display()));
+                }
+                _ => {}
+            }
+        }
+        self.nodes.start_node(id)?;
+        self.down.remove(&id);
+        Ok(())
+    }
+
+    /// Gives node `id` up for good: it is not restarted at heal and no fault picks it.
+    pub fn retire(&mut self, id: u64) {
+        self.down.remove(&id);
+        self.paused.remove(&id);
+        self.retired.insert(id);
     }
 
     /// Whether the nodes run on the lossy file system, so that [`Cluster::power_loss`] works.

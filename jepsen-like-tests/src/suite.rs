@@ -96,6 +96,7 @@ pub fn ci_matrix() -> Vec<Scenario> {
             Nemesis::SlowDisk,
             15,
         ),
+        s("register-wipe", Workload::Register, Nemesis::Wipe, 10),
         s(
             "register-duplicate",
             Workload::Register,
@@ -213,6 +214,16 @@ pub fn ci_matrix() -> Vec<Scenario> {
                 "planted-no-fail-stop",
                 Workload::Register,
                 Nemesis::DiskFull,
+                10,
+            )
+        },
+        Scenario {
+            planted_bug: Some("no-incarnation-check"),
+            expect_valid: false,
+            ..s(
+                "planted-no-incarnation-check",
+                Workload::Register,
+                Nemesis::Wipe,
                 10,
             )
         },

@@ -45,6 +45,12 @@ pub enum Bug {
     /// behind it, and the async runtime's threads they run on, wait too. Only the slow-disk
     /// nemesis finds it (as a stall).
     BlockingSyncedWrites,
+    /// `no-incarnation-check`: peer requests are not checked against the incarnations of the
+    /// data directories they name (see [`crate::raft::identity`]), as before that check was
+    /// built: a node restarted with a wiped data directory takes part under its old id, voting
+    /// and acknowledging appends with an empty log. Only the wipe nemesis finds it (the node runs
+    /// on where it must stop).
+    NoIncarnationCheck,
 }
 
 #[cfg(feature = "planted-bugs")]
@@ -60,6 +66,7 @@ impl Bug {
             Bug::StrictWalRecovery => "strict-wal-recovery",
             Bug::NoFailStop => "no-fail-stop",
             Bug::BlockingSyncedWrites => "blocking-synced-writes",
+            Bug::NoIncarnationCheck => "no-incarnation-check",
         }
     }
 }

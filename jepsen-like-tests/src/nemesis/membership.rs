@@ -22,6 +22,22 @@ pub(super) async fn replace_node(run: &mut Run<'_>) -> anyhow::Result<Cycle> {
 async fn add_then_remove(run: &mut Run<'_>) -> anyhow::Result<()> {
     // Admin requests wait for a meta leader through other faults.
     let client = &run.cluster.client(Duration::from_secs(30)).await?;
+    let id = add_fresh_node(run, client).await?;
+
+    let map = client.shard_map().await?;
+    let members: Vec<u64> = map
+        .nodes
+        .iter()
+        .map(|n| n.id)
+        .filter(|n| *n != id && run.cluster.healthy().contains(n))
+        .collect();
+    let victim = members[run.rng.random_range(0..members.len())];
+    remove_node(run, client, victim, false).await
+}
+
+/// Starts a fresh node with `--join`, adds it, and waits until it holds replicas and no replica
+/// move is left. Returns its id.
+pub(super) async fn add_fresh_node(run: &mut Run<'_>, client: &Client) -> anyhow::Result<u64> {
     let (id, client_addr, peer_addr) = run.cluster.start_joining()?;
     // The new process needs a moment to listen.
     for _ in 0..100 {
@@ -38,17 +54,19 @@ async fn add_then_remove(run: &mut Run<'_>) -> anyhow::Result<()> {
     })
     .await;
     run.record(F::Stop, "add-node", format!("{id}"));
+    Ok(id)
+}
 
-    let map = client.shard_map().await?;
-    let members: Vec<u64> = map
-        .nodes
-        .iter()
-        .map(|n| n.id)
-        .filter(|n| *n != id && run.cluster.healthy().contains(n))
-        .collect();
-    let victim = members[run.rng.random_range(0..members.len())];
+/// Removes node `victim` (drained, or at once with `force` for a node that is gone) and waits
+/// until the map no longer lists it.
+pub(super) async fn remove_node(
+    run: &Run<'_>,
+    client: &Client,
+    victim: u64,
+    force: bool,
+) -> anyhow::Result<()> {
     run.record(F::Start, "remove-node", format!("{victim}"));
-    client.remove_node(victim, false).await?;
+    client.remove_node(victim, force).await?;
     wait_map(client, Duration::from_secs(90), |m| {
         !m.nodes.iter().any(|n| n.id == victim)
     })

@@ -35,6 +35,9 @@
 //!   system again); once the node can have noticed, a leadership is moved between the other two
 //!   replicas of a shard it follows, so that it stores a vote, and another is asked to move to
 //!   it (to be refused): no probe write may wait longer than 1 s meanwhile;
+//! - `wipe`: kill a node (half the time a shard leader), delete its Raft state and start it again
+//!   under its old id, as after a replaced disk: it must stop on its own within 10 s, saying why;
+//!   then a fresh node is added and the wiped one force-removed;
 //! - `mixed`: any of kill, pause, membership, bounce, restart, transfer, snapshot, crash (and
 //!   power loss, full and slow disks with `--lossy-fs`, partition where it can run, latency with
 //!   `--slow-net`, clock where libfaketime is installed), chosen per cycle.
@@ -49,7 +52,8 @@
 //!
 //! Modules, one per kind of fault, each driven through `Run`: `process` (kill, pause, bounce,
 //! restart, crash, power loss), `disk` (full and slow disks), `raft` (leadership transfer, forced
-//! snapshot), `network` (partitions, slow links), `skew` (clocks), `membership`, `duplicate`;
+//! snapshot), `network` (partitions, slow links), `skew` (clocks), `membership`, `wipe`,
+//! `duplicate`;
 //! `targets` picks nodes and shards; `probe` writes probe keys to check that writes are served.
 
 mod disk;
@@ -61,6 +65,7 @@ mod process;
 mod raft;
 mod skew;
 mod targets;
+mod wipe;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -119,6 +124,9 @@ pub enum Nemesis {
     /// FUSE: the cluster runs on the harness' in-memory lossy file system). Writes must keep
     /// their usual latency once the cluster has had time to notice.
     SlowDisk,
+    /// A node's disk is replaced: killed, its Raft state deleted, started again under its old
+    /// id. It must stop on its own; then it is replaced by a fresh node.
+    Wipe,
     /// One of kill, pause, membership, bounce, restart, transfer, snapshot, crash (and power loss,
     /// full and slow disks on the lossy file system, partition where it can run, latency with the
     /// delaying proxy, clock where libfaketime is installed) per cycle.
@@ -347,6 +355,7 @@ impl Run<'_> {
             Nemesis::DiskFull => disk::disk_full(self, shard).await,
             Nemesis::SlowDisk => disk::slow_disk(self, shard).await,
             Nemesis::Membership => membership::replace_node(self).await,
+            Nemesis::Wipe => wipe::wipe(self, shard).await,
             Nemesis::Duplicate => {
                 duplicate::duplicate(self.client, self.recorder, n).await?;
                 Ok(Cycle::Injected)
