@@ -8,13 +8,15 @@
 //!
 //! So every data directory has an **incarnation**, a random number drawn when it is first used
 //! and stored with it. Every peer request carries the sender's id and incarnation and the
-//! incarnation the sender knows the receiver by, in the `strata-peer` header; every node records
-//! the incarnation of each peer the first time it hears from it (from its requests, or from a
-//! `Hello` this node sends it), and checks it ever after:
+//! receiver's id and incarnation as the sender knows them, in the `strata-peer` header; every
+//! node records the incarnation of each peer the first time it hears from it (from its requests,
+//! or from a `Hello` this node sends it), and checks it ever after:
 //!
 //! - a request that knows *this* node by another incarnation means this data directory is not the
 //!   one the cluster knew: the request is refused and the node stops (fail-stop), naming the cause;
-//! - a request from a known peer with another incarnation is refused: that peer lost its state.
+//! - a request from a known peer with another incarnation is refused: that peer lost its state;
+//! - a request meant for another node id is refused (an address reused after a removal), and
+//!   stops nothing.
 //!
 //! The check covers every peer message (the AppendEntries stream's header is checked once, when
 //! the stream opens, which a restarted peer must do again). It cannot help when no running peer
@@ -116,9 +118,14 @@ impl PeerIdentity {
     /// The `strata-peer` header of a request to node `to` (`None`: a node outside the cluster).
     fn header(&self, to: Option<u64>) -> AsciiMetadataValue {
         let expected = to.and_then(|to| self.known_as(to)).unwrap_or(0);
-        format!("{}.{}.{expected}", self.id(), self.incarnation)
-            .parse()
-            .expect("digits and dots are valid header text")
+        format!(
+            "{}.{}.{}.{expected}",
+            self.id(),
+            self.incarnation,
+            to.unwrap_or(0)
+        )
+        .parse()
+        .expect("digits and dots are valid header text")
     }
 
     /// Checks the `strata-peer` header of an incoming request: `Err` refuses it (see the module
@@ -130,12 +137,25 @@ impl PeerIdentity {
         let Some(raw) = metadata.get(PEER_HEADER) else {
             return Ok(());
         };
-        let Some((from, from_incarnation, expected)) = parse_header(raw.to_str().unwrap_or(""))
+        let Some(Header {
+            from,
+            from_incarnation,
+            to,
+            expected,
+        }) = Header::parse(raw.to_str().unwrap_or(""))
         else {
             return Err(Status::invalid_argument(format!(
                 "malformed {PEER_HEADER} header"
             )));
         };
+        let me = self.id();
+        if to != 0 && me != 0 && to != me {
+            // Meant for a node that had this address before (removed, its address reused): not
+            // a sign that this node lost anything.
+            return Err(Status::failed_precondition(format!(
+                "this is node {me}, not node {to}"
+            )));
+        }
         if expected != 0 && expected != self.incarnation {
             let why = format!(
                 "node {from} knows this node (id {}) by another data directory (incarnation {expected}; this one is {}): this data directory is not the one this node ran with — it was wiped, replaced or restored from elsewhere — so the Raft state the cluster relies on is gone, and taking part could elect a stale leader and lose acknowledged writes. Remove the node with `strata node remove --id {} --force` and start this machine as a new node (`--join`, empty data directory)",
@@ -216,11 +236,29 @@ impl PeerIdentity {
     }
 }
 
-/// `<id>.<incarnation>.<expected>`.
-fn parse_header(text: &str) -> Option<(u64, u64, u64)> {
-    let mut parts = text.split('.').map(|p| p.parse::<u64>().ok());
-    let parsed = (parts.next()??, parts.next()??, parts.next()??);
-    parts.next().is_none().then_some(parsed)
+/// What a `strata-peer` header says: `<from>.<from_incarnation>.<to>.<expected>`.
+struct Header {
+    /// The sender's id (0 while joining).
+    from: u64,
+    /// The sender's incarnation.
+    from_incarnation: u64,
+    /// The node the request is meant for (0: a node outside the cluster, probed by address).
+    to: u64,
+    /// The incarnation the sender knows that node by (0: not known yet).
+    expected: u64,
+}
+
+impl Header {
+    fn parse(text: &str) -> Option<Header> {
+        let mut parts = text.split('.').map(|p| p.parse::<u64>().ok());
+        let header = Header {
+            from: parts.next()??,
+            from_incarnation: parts.next()??,
+            to: parts.next()??,
+            expected: parts.next()??,
+        };
+        parts.next().is_none().then_some(header)
+    }
 }
 
 /// Adds the `strata-peer` header to every request of one peer client.
@@ -308,10 +346,28 @@ mod tests {
         two.check(&request_from(&one, 2)).unwrap();
         assert!(one.knows(2) && two.knows(1));
         let mut bad = MetadataMap::new();
-        bad.insert(PEER_HEADER, "1.x.0".parse().unwrap());
+        bad.insert(PEER_HEADER, "1.x.2.0".parse().unwrap());
         assert_eq!(
             one.check(&bad).unwrap_err().code(),
             tonic::Code::InvalidArgument
         );
+    }
+
+    #[tokio::test]
+    async fn a_request_meant_for_the_node_that_had_this_address_before_stops_nothing() {
+        let (a, b, c) = (
+            tempfile::tempdir().unwrap(),
+            tempfile::tempdir().unwrap(),
+            tempfile::tempdir().unwrap(),
+        );
+        let one = identity(a.path(), 1).await;
+        let two = identity(b.path(), 2).await;
+        one.learn(2, two.incarnation()).unwrap();
+        // Node 2 was removed; node 5 now listens at its address.
+        let five = identity(c.path(), 5).await;
+        let refused = five.check(&request_from(&one, 2)).unwrap_err();
+        assert_eq!(refused.message(), "this is node 5, not node 2");
+        let stopped = tokio::time::timeout(std::time::Duration::from_millis(100), five.lost());
+        assert!(stopped.await.is_err(), "node 5 was told to stop");
     }
 }
