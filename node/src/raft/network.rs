@@ -238,8 +238,9 @@ impl PeerPool {
 /// Most time between two attempts to learn a peer's identity.
 const INTRODUCE_BACKOFF_MAX: Duration = Duration::from_secs(30);
 
-/// Learns node `target`'s identity with a `Hello`, retrying until it answers: until then, this
-/// node's requests cannot tell it which incarnation they expect.
+/// Learns node `target`'s identity with a `Hello`, retrying until it answers under its id (a
+/// node just added may not know its id yet): until then, this node's requests cannot tell it
+/// which incarnation they expect.
 async fn introduce(identity: Arc<PeerIdentity>, target: u64, mut client: PeerClient) {
     let mut backoff = Duration::from_millis(100);
     loop {
@@ -247,27 +248,17 @@ async fn introduce(identity: Arc<PeerIdentity>, target: u64, mut client: PeerCli
             node_id: identity.id(),
             incarnation: identity.incarnation(),
         };
-        match client.hello(hello).await {
-            Ok(reply) => {
-                let reply = reply.into_inner();
-                if reply.node_id != target {
-                    tracing::warn!(
-                        peer = target,
-                        answered = reply.node_id,
-                        "a node with another id answered at this peer's address"
-                    );
-                } else {
-                    // A refusal is logged by `learn`; the old record stays, so this node's
-                    // requests go on naming the incarnation it knew and the peer stops itself.
-                    let _ = identity.learn(target, reply.incarnation);
-                }
+        if let Ok(reply) = client.hello(hello).await {
+            let reply = reply.into_inner();
+            if reply.node_id == target {
+                // A refusal is logged by `learn`; the old record stays, so this node's requests
+                // go on naming the incarnation it knew, and the peer stops itself.
+                let _ = identity.learn(target, reply.incarnation);
                 return;
             }
-            Err(_) => {
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(INTRODUCE_BACKOFF_MAX);
-            }
         }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(INTRODUCE_BACKOFF_MAX);
     }
 }
 
