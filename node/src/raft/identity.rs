@@ -36,7 +36,8 @@ use tonic::{Request, Status};
 use crate::storage::keys::{peer_incarnation_key, CF_STATE, INCARNATION_KEY, PEER_INCARNATION_TAG};
 use crate::storage::Engine;
 
-/// The request header carrying `<sender id>.<sender incarnation>.<receiver incarnation or 0>`.
+/// The request header carrying `<sender id>.<sender incarnation>.<receiver id>.<receiver
+/// incarnation>` (0 where the sender does not know).
 pub const PEER_HEADER: &str = "strata-peer";
 
 /// This node's identity and the identities of the peers it has heard from.
@@ -194,11 +195,18 @@ impl PeerIdentity {
                 Err(why)
             }
             None => {
-                self.known
-                    .write()
-                    .expect("known poisoned")
-                    .entry(peer)
-                    .or_insert(incarnation);
+                {
+                    let mut known = self.known.write().expect("known poisoned");
+                    match known.get(&peer) {
+                        // Recorded meanwhile by another request of the same peer.
+                        Some(&k) if k == incarnation => return Ok(()),
+                        Some(_) => {
+                            drop(known);
+                            return self.learn(peer, incarnation);
+                        }
+                        None => known.insert(peer, incarnation),
+                    };
+                }
                 let mut b = WriteBatch::default();
                 b.put_cf(
                     self.engine.cf(CF_STATE),
