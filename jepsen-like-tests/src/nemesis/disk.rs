@@ -27,7 +27,7 @@ const FAIL_STOP_LIMIT: Duration = Duration::from_secs(5);
 
 /// The exit status of a node that stopped because of a failure it reported (see
 /// `strata_node::server::run`).
-const FAIL_STOP_EXIT_CODE: i32 = 1;
+pub(super) const FAIL_STOP_EXIT_CODE: i32 = 1;
 
 /// Fills the disk of a node (half the time the leader of `shard`), waits for it to stop, keeps
 /// it down for the hold, then frees the space and restarts it.

@@ -9,6 +9,7 @@
 
 use std::time::Duration;
 
+use super::disk::FAIL_STOP_EXIT_CODE;
 use super::membership::{add_fresh_node, remove_node};
 use super::targets::node_or_leader;
 use super::{Cycle, Run};
@@ -17,9 +18,6 @@ use crate::history::F;
 /// How long a wiped node may run before its peers' first messages have made it stop: they
 /// heartbeat it every 50 ms in chaos runs, so a second is plenty.
 const WIPED_STOP_LIMIT: Duration = Duration::from_secs(10);
-
-/// The exit status of a node that stopped because of a failure it reported.
-const FAIL_STOP_EXIT_CODE: i32 = 1;
 
 /// What the wiped node's log must say.
 const WIPED_LOG_LINE: &str = "by another data directory";
