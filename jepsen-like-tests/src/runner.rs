@@ -179,18 +179,30 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<RunResult> {
         mut stalls,
         mut exits,
     } = faults?;
-    match cluster.wait_recovered(Duration::from_secs(60)).await {
-        Ok(exited) => exits.extend(exited),
+    let recovered = match cluster.wait_recovered(Duration::from_secs(60)).await {
+        Ok(exited) => {
+            exits.extend(exited);
+            true
+        }
         // A finding, not an error of the run: the history up to here is still checked (a planted
         // `skip-fsync` can lose a group's whole state in a power loss, and with it its leader).
-        Err(e) => stalls.push(format!("{e:#}")),
-    }
+        Err(e) => {
+            stalls.push(format!("{e:#}"));
+            false
+        }
+    };
 
-    let live = liveness(&client).await;
-    if opts.workload == Workload::Set {
+    // A cluster that did not recover can take no final write or read, and its replicas cannot
+    // converge: waiting for each of those to time out would only make the run longer.
+    let live = recovered && liveness(&client).await;
+    if recovered && opts.workload == Workload::Set {
         final_reads(&client, &recorder).await;
     }
-    let diverged = convergence(&client, Duration::from_secs(30)).await;
+    let diverged = if recovered {
+        convergence(&client, Duration::from_secs(30)).await
+    } else {
+        Vec::new()
+    };
     let events = recorder.finish()?;
     let checks = checker::check(&events, opts.budget);
     let valid =
