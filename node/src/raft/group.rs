@@ -9,13 +9,13 @@ use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use super::stop_reason::StopReason;
 use openraft::error::{ClientWriteError, Fatal, RaftError};
 use openraft::raft::linearizable_read::LinearizerOption;
 use openraft::type_config::async_runtime::watch::WatchReceiver;
 use openraft::{BasicNode, ChangeMembers, Config, ReadPolicy, ServerState, SnapshotPolicy};
 use openraft_multi::GroupNetworkFactory;
 use strata_proto::v1::GroupStatus;
-use tokio::sync::watch;
 
 use super::network::{NetworkFactory, PeerPool};
 use super::read_batch::{linearize_once, ReadBatcher};
@@ -330,20 +330,12 @@ impl Group {
 }
 
 /// Every group hosted on this node, by id.
+#[derive(Default)]
 pub struct Groups {
     /// A `std` lock: held only to clone an `Arc`, never across an await.
     map: RwLock<HashMap<GroupId, Arc<Group>>>,
-    /// Why the first group to fail stopped (see [`Groups::failed`]); `None` while none has.
-    failure: watch::Sender<Option<String>>,
-}
-
-impl Default for Groups {
-    fn default() -> Self {
-        Groups {
-            map: RwLock::default(),
-            failure: watch::Sender::new(None),
-        }
-    }
+    /// Why the first group to fail stopped (see [`Groups::failed`]).
+    failure: StopReason,
 }
 
 impl Groups {
@@ -364,14 +356,7 @@ impl Groups {
     /// the placement driver's survey as if it were fine; the node stops instead (fail-stop, as
     /// etcd and TiKV do), so that the cluster routes around it and the operator sees it down.
     pub async fn failed(&self) -> String {
-        let mut failure = self.failure.subscribe();
-        // Bound to a local so the borrow of `failure` ends before it is dropped.
-        let why = match failure.wait_for(Option::is_some).await {
-            Ok(why) => why.clone().unwrap_or_default(),
-            // The sender lives as long as `self`.
-            Err(_) => std::future::pending().await,
-        };
-        why
+        self.failure.wait().await
     }
 
     /// Unregisters group `id` (the caller shuts it down).
@@ -406,7 +391,7 @@ async fn report_failure(
         TypeConfig,
         openraft::RaftMetrics<TypeConfig>,
     >,
-    failure: watch::Sender<Option<String>>,
+    failure: StopReason,
 ) {
     loop {
         let state = metrics.borrow_watched().running_state.clone();
@@ -416,7 +401,7 @@ async fn report_failure(
             Err(_) if crate::planted::active(crate::planted::Bug::NoFailStop) => return,
             Err(e) => {
                 let why = format!("the Raft group of {} stopped: {e}", group_name(id));
-                failure.send_if_modified(|f| f.is_none() && f.replace(why).is_none());
+                failure.report(why);
                 return;
             }
         }

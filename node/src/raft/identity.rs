@@ -28,11 +28,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use rocksdb::WriteBatch;
-use tokio::sync::watch;
 use tonic::metadata::{AsciiMetadataValue, MetadataMap};
 use tonic::service::Interceptor;
 use tonic::{Request, Status};
 
+use super::stop_reason::StopReason;
 use crate::storage::keys::{peer_incarnation_key, CF_STATE, INCARNATION_KEY, PEER_INCARNATION_TAG};
 use crate::storage::Engine;
 
@@ -52,7 +52,7 @@ pub struct PeerIdentity {
     refused: Mutex<HashSet<u64>>,
     engine: Arc<Engine>,
     /// Why this node must stop, once a peer knew it by another incarnation.
-    lost: watch::Sender<Option<String>>,
+    lost: StopReason,
 }
 
 impl PeerIdentity {
@@ -84,7 +84,7 @@ impl PeerIdentity {
             known: RwLock::new(known),
             refused: Mutex::default(),
             engine,
-            lost: watch::Sender::new(None),
+            lost: StopReason::default(),
         }))
     }
 
@@ -164,13 +164,7 @@ impl PeerIdentity {
                 self.incarnation,
                 self.id(),
             );
-            self.lost.send_if_modified(|lost| {
-                let first = lost.is_none();
-                if first {
-                    *lost = Some(why.clone());
-                }
-                first
-            });
+            self.lost.report(why.clone());
             return Err(Status::failed_precondition(why));
         }
         if from != 0 {
@@ -226,13 +220,7 @@ impl PeerIdentity {
 
     /// Resolves once a peer knew this node by another incarnation, with the reason.
     pub async fn lost(&self) -> String {
-        let mut lost = self.lost.subscribe();
-        let why = match lost.wait_for(Option::is_some).await {
-            Ok(why) => why.clone().unwrap_or_default(),
-            // The sender lives as long as `self`.
-            Err(_) => std::future::pending().await,
-        };
-        why
+        self.lost.wait().await
     }
 
     /// The interceptor that stamps every request to node `to` with the `strata-peer` header.

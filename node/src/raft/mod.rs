@@ -12,6 +12,7 @@
 //! - [`group`]: one Raft group on this node — creation, writes, reads, status.
 //! - [`hand_over`]: moving a group's leadership to a live successor before a planned stop.
 //! - [`read_batch`]: concurrent linearizable reads of a group share one ReadIndex round.
+//! - [`stop_reason`]: the first reason a node must stop on its own (fail-stop).
 //! - [`snapshot_pace`]: the node's budget of outgoing snapshot bytes per second.
 
 pub mod append_stream;
@@ -23,6 +24,7 @@ pub mod network;
 pub mod peer_link;
 pub mod read_batch;
 pub mod snapshot_pace;
+pub mod stop_reason;
 pub mod types;
 
 pub use group::{Group, Groups};
