@@ -95,7 +95,7 @@ pub(crate) fn classify(status: &tonic::Status, is_write: bool) -> Verdict {
             tonic::Code::InvalidArgument
             | tonic::Code::OutOfRange
             | tonic::Code::ResourceExhausted => {
-                Verdict::Fail(Error::InvalidArgument(status.message().to_string()))
+                Verdict::Fail(Error::InvalidArgument(transport_refusal(status.message())))
             }
             // A refused connection never delivered the request.
             tonic::Code::Unavailable if is_connect_error(status) => Verdict::Retry {
@@ -109,6 +109,25 @@ pub(crate) fn classify(status: &tonic::Status, is_write: bool) -> Verdict {
                 reason,
             },
         },
+    }
+}
+
+/// Words a refusal that tonic made before the request reached the node's handler. The one a
+/// caller meets is a request over the node's message limit (a value of several MiB), which tonic
+/// words as "Error, decoded message length too large: found N bytes, the limit is: M bytes";
+/// said in the terms of the node's limits instead. Any other message is kept as it is.
+fn transport_refusal(message: &str) -> String {
+    let sizes = message
+        .split_once("decoded message length too large: found ")
+        .and_then(|(_, rest)| rest.split_once(" bytes, the limit is: "))
+        .and_then(|(found, rest)| Some((found, rest.strip_suffix(" bytes")?)));
+    match sizes {
+        Some((found, limit)) => format!(
+            "request is {found} bytes, over the node's message limit of {limit} bytes \
+             (--max-message-bytes); nothing was written. A value may be at most the node's \
+             --max-value-bytes (1 MiB by default)"
+        ),
+        None => message.to_string(),
     }
 }
 
@@ -156,6 +175,34 @@ mod tests {
         match classify(&status, true) {
             Verdict::Fail(e) => assert_eq!(e.to_string(), "invalid argument: key is empty"),
             other => panic!("expected a final error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_request_over_the_message_limit_is_named_in_the_nodes_terms() {
+        // What tonic answers, with no details, when a request exceeds the decoding limit.
+        let status = tonic::Status::out_of_range(
+            "Error, decoded message length too large: found 5000026 bytes, the limit is: 4194304 bytes",
+        );
+        match classify(&status, true) {
+            Verdict::Fail(Error::InvalidArgument(message)) => {
+                assert!(
+                    message.starts_with(
+                        "request is 5000026 bytes, over the node's message limit of 4194304 bytes"
+                    ),
+                    "{message}"
+                );
+                assert!(message.contains("nothing was written"), "{message}");
+            }
+            other => panic!("expected InvalidArgument, got {other:?}"),
+        }
+        // Any other transport refusal keeps its words.
+        let status = tonic::Status::resource_exhausted("too many streams");
+        match classify(&status, true) {
+            Verdict::Fail(Error::InvalidArgument(message)) => {
+                assert_eq!(message, "too many streams")
+            }
+            other => panic!("expected InvalidArgument, got {other:?}"),
         }
     }
 }
