@@ -27,11 +27,42 @@ impl Client {
         peer_addr: &str,
         id: Option<u64>,
     ) -> Result<(u64, u64), Error> {
-        let req = AddNodeRequest {
+        self.send_add(AddNodeRequest {
             id: id.unwrap_or(0),
             client_addr: client_addr.into(),
             peer_addr: peer_addr.into(),
-        };
+            replaces: 0,
+        })
+        .await
+    }
+
+    /// Adds the node listening on `client_addr` / `peer_addr` (started empty with `--join`) in
+    /// place of node `old`, in one change: the new node gets the next free id, and `old` starts
+    /// draining as with a forced [`remove_node`](Self::remove_node), its replicas rebuilt on the
+    /// other nodes. The new node may use `old`'s addresses if `old` does not answer (a machine
+    /// back with a new disk). Allowed with as few nodes as the replication factor, where a
+    /// removal is refused. Returns the new node's id and the epoch that contains it.
+    pub async fn replace_node(
+        &self,
+        old: u64,
+        client_addr: &str,
+        peer_addr: &str,
+    ) -> Result<(u64, u64), Error> {
+        if old == 0 {
+            return Err(Error::InvalidArgument(
+                "the node to replace must be given by its id (> 0)".into(),
+            ));
+        }
+        self.send_add(AddNodeRequest {
+            id: 0,
+            client_addr: client_addr.into(),
+            peer_addr: peer_addr.into(),
+            replaces: old,
+        })
+        .await
+    }
+
+    async fn send_add(&self, req: AddNodeRequest) -> Result<(u64, u64), Error> {
         let r = self
             .meta_call(|mut c| {
                 let req = req.clone();

@@ -229,6 +229,7 @@ impl NodeConfig {
                 client_addr: client_addr.to_string(),
                 peer_addr: peer_addr.to_string(),
                 phase: NodePhase::Active,
+                incarnation: 0,
             }],
         };
         if !join && !initial_cluster.iter().any(|n| n.id == id) {
@@ -359,6 +360,7 @@ pub fn parse_initial_cluster(spec: &str) -> anyhow::Result<Vec<NodeSpec>> {
             client_addr: client.to_string(),
             peer_addr: peer.to_string(),
             phase: NodePhase::Active,
+            incarnation: 0,
         });
     }
     if nodes.is_empty() {

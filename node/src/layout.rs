@@ -36,6 +36,11 @@ pub struct NodeSpec {
     /// Whether the node takes replicas or is being drained for removal.
     #[serde(default)]
     pub phase: NodePhase,
+    /// The incarnation of the node's data directory when it was added (`raft::identity`); 0 for
+    /// the nodes of the initial cluster. A joining node finds itself in the layout by it, not
+    /// by its addresses, which a node it replaces may share.
+    #[serde(default)]
+    pub incarnation: u64,
 }
 
 /// A node's place in the cluster's life cycle.
@@ -170,11 +175,11 @@ impl Layout {
         self.next_node_id.max(max + 1)
     }
 
-    /// The node with exactly these addresses, if any.
-    pub fn node_with_addrs(&self, client_addr: &str, peer_addr: &str) -> Option<&NodeSpec> {
+    /// The node added with data directory `incarnation` (never one of the initial cluster).
+    pub fn node_with_incarnation(&self, incarnation: u64) -> Option<&NodeSpec> {
         self.nodes
             .iter()
-            .find(|n| n.client_addr == client_addr && n.peer_addr == peer_addr)
+            .find(|n| n.incarnation != 0 && n.incarnation == incarnation)
     }
 
     /// The meta group's target size: up to 3 active nodes.
@@ -299,6 +304,7 @@ mod tests {
                 client_addr: format!("127.0.0.1:{}", 7100 + id),
                 peer_addr: format!("127.0.0.1:{}", 7200 + id),
                 phase: NodePhase::Active,
+                incarnation: 0,
             })
             .collect()
     }

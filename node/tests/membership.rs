@@ -1,5 +1,6 @@
 //! Membership changes on real `strata-node` processes: adding a node and removing one while
-//! clients write, replacing a dead node, and operator mistakes that must change nothing.
+//! clients write, removing a dead node, replacing one at its own addresses, and operator
+//! mistakes that must change nothing.
 
 mod common;
 
@@ -195,6 +196,81 @@ async fn a_dead_node_is_force_removed_and_its_shards_regain_replicas() {
     assert!(err.to_string().contains("never reused"), "{err}");
     let (id, _) = client.add_node(&c, &p, None).await.expect("add node");
     assert_eq!(id, 6);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_node_of_three_is_replaced_by_a_new_node_at_its_addresses() {
+    let mut tc = TestCluster::start(3, 4).await;
+    let client = tc.client().await;
+    let before: Vec<Acked> = common::put_all(&client, "replace", 60).await;
+
+    phase("node 2's disk is lost; with three nodes it cannot simply be removed");
+    tc.cluster.kill_node(2).expect("kill node 2");
+    let err = client.remove_node(2, true).await.unwrap_err();
+    assert!(err.to_string().contains("replication factor"), "{err}");
+
+    phase("its machine comes back empty, with --join and no id, at node 2's addresses");
+    let old = tc.cluster.file().nodes[1].clone();
+    assert_eq!(old.id, 2);
+    let dir = tempfile::tempdir().unwrap();
+    let mut fresh = KillOnDrop(
+        std::process::Command::new(env!("CARGO_BIN_EXE_strata-node"))
+            .args(["--join", "--client-addr", &old.client_addr])
+            .args(["--peer-addr", &old.peer_addr, "--data-dir"])
+            .arg(dir.path())
+            .args(common::FAST_RAFT)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn strata-node"),
+    );
+    let until = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !client
+        .node_status(&old.client_addr)
+        .await
+        .is_ok_and(|st| st.membership == "joining")
+    {
+        assert!(
+            tokio::time::Instant::now() < until,
+            "the new node never answered"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The leaders keep sending node 2's Raft messages to this address; they are refused here
+    // and must not make the waiting node stop (as a wiped node 2 would).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        fresh.0.try_wait().unwrap().is_none(),
+        "the waiting node stopped on node 2's messages"
+    );
+
+    phase("add it in place of node 2: a new id, node 2's replicas rebuilt on it");
+    let (id, _) = client
+        .replace_node(2, &old.client_addr, &old.peer_addr)
+        .await
+        .expect("replace node 2");
+    assert_eq!(id, 4);
+    let map = tc
+        .wait_for_map(&client, REBALANCE, "node 2 replaced by node 4", |m| {
+            fully_replicated_without(m, 3, 2) && replicas_on(m, 4) == 4
+        })
+        .await;
+    let st = client.node_status(&old.client_addr).await.expect("status");
+    assert_eq!((st.node_id, st.membership.as_str()), (4, "member"));
+    let applied: Vec<(u64, u64)> = st
+        .groups
+        .iter()
+        .map(|g| (g.group_id, g.applied_index))
+        .collect();
+    assert!(
+        applied.len() >= 4 && applied.iter().all(|(_, a)| *a > 0),
+        "node 4 hosts every shard with data: {applied:?}"
+    );
+    assert!(fresh.0.try_wait().unwrap().is_none(), "node 4 stopped");
+    assert_all_readable(&client, &before).await;
+    assert_raft_membership_matches(&tc, &client, &map).await;
+    let after = common::put_all(&client, "replace-after", 32).await;
+    assert_all_readable(&client, &after).await;
 }
 
 /// A child process killed when the test ends, also on panic.

@@ -33,7 +33,14 @@ pub struct AddArgs {
     /// Id to give the node (default: the one it was started with, else the next free id).
     #[arg(long)]
     pub id: Option<u64>,
-    /// Wait until replicas have spread to the node, showing progress.
+    /// Add the node in place of this node, which starts draining in the same change (as with
+    /// `node remove --force`). The new node may use the replaced node's addresses if that one
+    /// no longer answers — a machine back with an empty disk. Works with as few nodes as the
+    /// replication factor, where `node remove` is refused.
+    #[arg(long, value_name = "ID", conflicts_with = "id")]
+    pub replaces: Option<u64>,
+    /// Wait until replicas have spread to the node (and the replaced node is gone), showing
+    /// progress.
     #[arg(long)]
     pub wait: bool,
     /// How long `--wait` waits.
@@ -96,11 +103,25 @@ async fn add(cli: &Cli, client: &Client, a: &AddArgs) -> anyhow::Result<()> {
             st.node_id
         );
     }
-    let (id, epoch) = client
-        .add_node(&st.client_addr, &st.peer_addr, a.id)
-        .await?;
+    let (id, epoch) = match a.replaces {
+        Some(0) => bail!("--replaces must be > 0"),
+        Some(old) => {
+            client
+                .replace_node(old, &st.client_addr, &st.peer_addr)
+                .await?
+        }
+        None => {
+            client
+                .add_node(&st.client_addr, &st.peer_addr, a.id)
+                .await?
+        }
+    };
     let done = if a.wait {
-        wait_for(client, a.wait_timeout, |map| spread_to(map, id)).await?
+        // Each move of a replacement both fills the new node and drains the old one.
+        wait_for(client, a.wait_timeout, |map| {
+            spread_to(map, id).max(a.replaces.map_or(0, |old| drained(map, old)))
+        })
+        .await?
     } else {
         false
     };
@@ -113,13 +134,21 @@ async fn add(cli: &Cli, client: &Client, a: &AddArgs) -> anyhow::Result<()> {
             done,
         },
         || {
+            let replacing = a
+                .replaces
+                .map_or(String::new(), |old| format!(" in place of node {old}"));
             format!(
-                "node {id} added at {} (epoch {epoch}); {}",
+                "node {id} added at {}{replacing} (epoch {epoch}); {}",
                 st.client_addr,
-                if done {
-                    "replicas have spread to it"
-                } else {
-                    "replicas move to it in the background (watch `strata status`)"
+                match (done, a.replaces) {
+                    (true, None) => "replicas have spread to it".to_string(),
+                    (true, Some(old)) => format!("node {old} is drained and removed"),
+                    (false, None) =>
+                        "replicas move to it in the background (watch `strata status`)".into(),
+                    (false, Some(old)) => format!(
+                        "node {old} is draining: its replicas are rebuilt in the background \
+                         (watch `strata status`)"
+                    ),
                 }
             )
         },

@@ -108,9 +108,15 @@ pub async fn run(cli: &Cli) -> anyhow::Result<()> {
     specs.sort_by_key(|n| n.id);
     for spec in specs {
         let id = spec.id;
-        let status = client.node_status(&spec.client_addr).await;
+        // Only the node itself counts: after a replacement at the same address, another node
+        // answers there.
+        let status = client
+            .node_status(&spec.client_addr)
+            .await
+            .ok()
+            .filter(|st| st.node_id == id);
         let mut leads = 0;
-        if let Ok(st) = &status {
+        if let Some(st) = &status {
             if st.placement_driver {
                 placement_driver = Some(id);
                 placement_events = st.placement_events.clone();
@@ -136,7 +142,7 @@ pub async fn run(cli: &Cli) -> anyhow::Result<()> {
             client_addr: spec.client_addr.clone(),
             peer_addr: spec.peer_addr.clone(),
             state: spec.state.clone(),
-            up: status.is_ok(),
+            up: status.is_some(),
             replicas: map
                 .shards
                 .iter()

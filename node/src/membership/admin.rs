@@ -24,7 +24,8 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 const ATTEMPTS: usize = 5;
 
 /// Adds a node that was started with `--join`: checks its addresses and id, probes it, and
-/// records it in the layout. Returns its id and the layout epoch that has it.
+/// records it in the layout. With `req.replaces`, the same layout change marks that node as
+/// draining (see [`check_replace`]). Returns the new node's id and the layout epoch that has it.
 pub async fn add_node(
     node: &Arc<NodeState>,
     req: AddNodeRequest,
@@ -41,11 +42,20 @@ pub async fn add_node(
         let mut new = stamped.layout.clone();
         let id = spec.id;
         new.next_node_id = new.next_free_id().max(id + 1);
-        new.nodes.push(spec);
+        new.nodes.push(spec.clone());
+        if req.replaces != 0 {
+            let alive = survey(node, &stamped.layout).await.alive;
+            check_replace(&new, req.replaces, &spec, &alive)?;
+            mark_draining(&mut new, req.replaces);
+        }
         match commit(node, &stamped, new).await {
             Ok(new) => {
+                let replacing = match req.replaces {
+                    0 => String::new(),
+                    old => format!(" to replace node {old}, which is draining"),
+                };
                 node.placement_events.push(format!(
-                    "node {id} added at {} (peer {})",
+                    "node {id} added at {} (peer {}){replacing}",
                     req.client_addr, req.peer_addr
                 ));
                 return Ok(AddNodeResponse {
@@ -86,11 +96,14 @@ pub fn check_add(
     req: &AddNodeRequest,
     probe: &LayoutExchange,
 ) -> Result<NodeSpec, KvError> {
-    for n in &layout.nodes {
+    // The node being replaced may share addresses with its replacement: `check_replace` then
+    // makes sure it is gone.
+    for n in layout.nodes.iter().filter(|n| n.id != req.replaces) {
         if n.client_addr == req.client_addr || n.peer_addr == req.peer_addr {
             return Err(KvError::AlreadyExists(format!(
-                "node {} already uses {} / {}",
-                n.id, n.client_addr, n.peer_addr
+                "node {} already uses {} / {} (if node {} is gone for good and the new node \
+                 takes its place, add it with --replaces {})",
+                n.id, n.client_addr, n.peer_addr, n.id, n.id
             )));
         }
     }
@@ -130,6 +143,7 @@ pub fn check_add(
         client_addr: req.client_addr.clone(),
         peer_addr: req.peer_addr.clone(),
         phase: NodePhase::Active,
+        incarnation: probe.incarnation,
     })
 }
 
@@ -144,17 +158,11 @@ pub async fn remove_node(
         let view = survey(node, &stamped.layout).await;
         check_remove(&stamped.layout, req.id, req.force, &view.alive)?;
         let mut new = stamped.layout.clone();
-        let spec = new
-            .nodes
-            .iter_mut()
-            .find(|n| n.id == req.id)
-            .expect("checked");
-        if spec.phase == NodePhase::Draining {
+        if !mark_draining(&mut new, req.id) {
             return Ok(RemoveNodeResponse {
                 epoch: stamped.layout.epoch,
             });
         }
-        spec.phase = NodePhase::Draining;
         match commit(node, &stamped, new).await {
             Ok(new) => {
                 node.placement_events.push(format!(
@@ -169,6 +177,43 @@ pub async fn remove_node(
         }
     }
     Err(concurrent_change())
+}
+
+/// Marks node `id` of `layout` as draining; false when it already was. The caller has checked
+/// that the node exists.
+fn mark_draining(layout: &mut Layout, id: u64) -> bool {
+    let spec = layout
+        .nodes
+        .iter_mut()
+        .find(|n| n.id == id)
+        .expect("checked");
+    let was_active = spec.phase != NodePhase::Draining;
+    spec.phase = NodePhase::Draining;
+    was_active
+}
+
+/// Validates replacing node `old` by `new` (already added to `layout`): `old` must be removable
+/// as by a forced removal (a replaced node is typically dead: its disk was lost), and if `new`
+/// takes over one of `old`'s addresses, `old` must not answer — two live nodes never share an
+/// address. Peers then reach the new node where they look for the old one, and refuse each
+/// other's requests by node id (`raft::identity`), so messages meant for `old` change nothing.
+pub fn check_replace(
+    layout: &Layout,
+    old: u64,
+    new: &NodeSpec,
+    alive: &BTreeSet<u64>,
+) -> Result<(), KvError> {
+    check_remove(layout, old, true, alive)?;
+    let spec = layout.node(old).expect("checked by check_remove");
+    let shares = spec.client_addr == new.client_addr || spec.peer_addr == new.peer_addr;
+    if shares && alive.contains(&old) {
+        return Err(KvError::Refused(format!(
+            "node {old} still answers, so the new node cannot take over its addresses {} / {}; \
+             stop it first, or give the new node other addresses",
+            spec.client_addr, spec.peer_addr
+        )));
+    }
+    Ok(())
 }
 
 /// Validates a removal: the node exists; enough active nodes remain for the replication
@@ -195,7 +240,8 @@ pub fn check_remove(
     if remaining < r {
         return Err(KvError::Refused(format!(
             "removing node {id} would leave {remaining} active node(s), fewer than the \
-             replication factor {r}; add a node first"
+             replication factor {r}; add a node first, or add one in its place with \
+             `strata node add --addr ADDR --replaces {id}`"
         )));
     }
     if !force && !alive.contains(&id) {
@@ -239,6 +285,7 @@ mod tests {
                 client_addr: format!("127.0.0.1:{}", 7100 + id),
                 peer_addr: format!("127.0.0.1:{}", 7200 + id),
                 phase: NodePhase::Active,
+                incarnation: 0,
             })
             .collect();
         Layout::initial(nodes, 8, 3)
@@ -249,6 +296,7 @@ mod tests {
             id,
             client_addr: format!("127.0.0.1:{}", 7100 + port),
             peer_addr: format!("127.0.0.1:{}", 7200 + port),
+            replaces: 0,
         };
         let probe = LayoutExchange {
             client_addr: req.client_addr.clone(),
@@ -321,6 +369,60 @@ mod tests {
         // Nodes 2 and 3 both down: shards on both lose their quorum without node 2.
         let only_1_4: BTreeSet<u64> = [1, 4].into();
         let err = check_remove(&l4, 2, true, &only_1_4).unwrap_err();
+        assert!(err.to_string().contains("quorum"), "{err}");
+    }
+
+    /// Adds `req`'s node to `l` as `add_node` does, then checks replacing `old` by it.
+    fn replace(
+        l: &Layout,
+        req: &AddNodeRequest,
+        probe: &LayoutExchange,
+        alive: &[u64],
+    ) -> Result<(), KvError> {
+        let spec = check_add(l, req, probe)?;
+        let mut new = l.clone();
+        new.nodes.push(spec.clone());
+        check_replace(&new, req.replaces, &spec, &alive.iter().copied().collect())
+    }
+
+    #[test]
+    fn a_dead_node_of_three_is_replaced_at_its_own_addresses() {
+        let l3 = layout(3);
+        // A fresh node at node 2's addresses, which a plain add refuses.
+        let (mut req, probe) = add(0, 2);
+        assert!(matches!(
+            check_add(&l3, &req, &probe),
+            Err(KvError::AlreadyExists(_))
+        ));
+        req.replaces = 2;
+        assert_eq!(check_add(&l3, &req, &probe).unwrap().id, 4);
+        // Node 2 dead: it is replaced although three nodes are all the replication factor asks.
+        replace(&l3, &req, &probe, &[1, 3, 4]).unwrap();
+        // Node 2 answering: two live nodes may not share an address.
+        let err = replace(&l3, &req, &probe, &[1, 2, 3, 4]).unwrap_err();
+        assert!(err.to_string().contains("still answers"), "{err}");
+        // Another member's addresses stay refused.
+        req.replaces = 3;
+        assert!(matches!(
+            check_add(&l3, &req, &probe),
+            Err(KvError::AlreadyExists(_))
+        ));
+    }
+
+    #[test]
+    fn replacing_keeps_the_removal_checks() {
+        let l3 = layout(3);
+        let (mut req, probe) = add(0, 4);
+        req.replaces = 9;
+        assert!(matches!(
+            replace(&l3, &req, &probe, &[1, 2, 3]),
+            Err(KvError::NotFound(_))
+        ));
+        // A live node at other addresses is replaced by draining it.
+        req.replaces = 2;
+        replace(&l3, &req, &probe, &[1, 2, 3, 4]).unwrap();
+        // Nodes 2 and 3 both down: the shards on node 2 would have no quorum to move with.
+        let err = replace(&l3, &req, &probe, &[1, 4]).unwrap_err();
         assert!(err.to_string().contains("quorum"), "{err}");
     }
 }

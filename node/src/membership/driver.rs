@@ -81,6 +81,7 @@ pub fn describe(node: &NodeState) -> LayoutExchange {
         client_addr: node.client_addr.clone(),
         groups: node.groups.all().iter().map(|g| g.status()).collect(),
         slowest_wal_sync_ms: node.engine.slowest_recent_sync().as_millis() as u64,
+        incarnation: node.pool.identity().incarnation(),
     }
 }
 
@@ -182,6 +183,11 @@ async fn push(
     req.set_timeout(SURVEY_TIMEOUT);
     let call = client.exchange_layout(req);
     match tokio::time::timeout(SURVEY_TIMEOUT, call).await {
+        // Another node at `target`'s address (it replaced `target` there) is not `target`.
+        Ok(Ok(r)) if r.get_ref().node_id != target => Err(format!(
+            "node {} answers at node {target}'s address",
+            r.get_ref().node_id
+        )),
         Ok(Ok(r)) => Ok(r.into_inner()),
         Ok(Err(s)) => Err(s.message().to_string()),
         Err(_) => Err("timed out".into()),
@@ -395,6 +401,7 @@ mod tests {
             client_addr: format!("c{id}"),
             peer_addr: format!("p{id}"),
             phase: NodePhase::Active,
+            incarnation: 0,
         };
         Layout::initial((1..=3).map(node).collect(), 1, 3)
     }

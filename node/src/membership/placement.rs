@@ -295,6 +295,7 @@ mod tests {
             client_addr: format!("c{id}"),
             peer_addr: format!("p{id}"),
             phase: NodePhase::Active,
+            incarnation: 0,
         }
     }
 

@@ -26,8 +26,9 @@ pub async fn adopt(node: &Arc<NodeState>, layout: Layout) -> anyhow::Result<bool
     }
     let mut id = node.id();
     if id == 0 {
-        // A joining node finds itself by its addresses.
-        match layout.node_with_addrs(&node.client_addr, &node.peer_addr) {
+        // A joining node finds itself by its data directory's incarnation, recorded when it was
+        // added: a layout that lists a node it replaces at the same addresses is not about it.
+        match layout.node_with_incarnation(node.pool.identity().incarnation()) {
             Some(me) => id = me.id,
             None => return Ok(false),
         }

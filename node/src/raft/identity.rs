@@ -157,11 +157,20 @@ impl PeerIdentity {
                 "this is node {me}, not node {to}"
             )));
         }
+        if me == 0 && expected != 0 {
+            // This node is waiting to join and has told no one its incarnation, so the request is
+            // for a node known by its data directory that had this address (one this node
+            // replaces, say). Not a sign that this node lost anything.
+            return Err(Status::failed_precondition(format!(
+                "this node is waiting to join; it is not node {to}"
+            )));
+        }
         if expected != 0 && expected != self.incarnation {
             let why = format!(
-                "node {from} knows this node (id {}) by another data directory (incarnation {expected}; this one is {}): this data directory is not the one this node ran with — it was wiped, replaced or restored from elsewhere — so the Raft state the cluster relies on is gone, and taking part could elect a stale leader and lose acknowledged writes. Remove the node with `strata node remove --id {} --force` and start this machine as a new node (`--join`, empty data directory)",
+                "node {from} knows this node (id {}) by another data directory (incarnation {expected}; this one is {}): this data directory is not the one this node ran with — it was wiped, replaced or restored from elsewhere — so the Raft state the cluster relies on is gone, and taking part could elect a stale leader and lose acknowledged writes. Start this machine as a new node (`--join`, empty data directory) and add it in this node's place with `strata node add --addr ADDR --replaces {}`, or remove this node with `strata node remove --id {} --force`",
                 self.id(),
                 self.incarnation,
+                self.id(),
                 self.id(),
             );
             self.lost.report(why.clone());
@@ -365,5 +374,15 @@ mod tests {
         assert_eq!(refused.message(), "this is node 5, not node 2");
         let stopped = tokio::time::timeout(std::time::Duration::from_millis(100), five.lost());
         assert!(stopped.await.is_err(), "node 5 was told to stop");
+        // A node waiting to join (no id yet) at node 2's address: refused the same way.
+        let d = tempfile::tempdir().unwrap();
+        let joining = identity(d.path(), 0).await;
+        let refused = joining.check(&request_from(&one, 2)).unwrap_err();
+        assert_eq!(
+            refused.message(),
+            "this node is waiting to join; it is not node 2"
+        );
+        let stopped = tokio::time::timeout(std::time::Duration::from_millis(100), joining.lost());
+        assert!(stopped.await.is_err(), "the joining node was told to stop");
     }
 }

@@ -268,6 +268,7 @@ impl Raft for TransportService {
                 client_addr: n.client_addr,
                 peer_addr: n.peer_addr,
                 phase: NodePhase::Active,
+                incarnation: 0,
             })
             .collect();
         self.node.pool.set_nodes(&voters);
