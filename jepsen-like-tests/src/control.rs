@@ -476,9 +476,17 @@ impl Cluster {
         None
     }
 
-    /// Starts one more node with `--join` and returns its id and addresses.
-    pub fn start_joining(&mut self) -> anyhow::Result<(u64, String, String)> {
-        let e = self.nodes.start_joining_node()?;
+    /// Starts one more node with `--join` — at the addresses of node `at` when given (a dead
+    /// node it is to replace), else on free ports — and returns its id and addresses.
+    pub fn start_joining(&mut self, at: Option<u64>) -> anyhow::Result<(u64, String, String)> {
+        let addrs = match at {
+            Some(id) => {
+                let old = self.entry(id).context("no such node")?;
+                Some((old.client_addr.clone(), old.peer_addr.clone()))
+            }
+            None => None,
+        };
+        let e = self.nodes.start_joining_node_at(addrs)?;
         Ok((e.id, e.client_addr, e.peer_addr))
     }
 

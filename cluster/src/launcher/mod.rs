@@ -256,10 +256,39 @@ impl LocalCluster {
     /// Creates one more node entry (next id, free ports on the cluster's IP, its own data
     /// directory) and starts it with `--join`: it waits for `strata node add`.
     pub fn start_joining_node(&mut self) -> anyhow::Result<NodeEntry> {
+        self.start_joining_node_at(None)
+    }
+
+    /// Like [`start_joining_node`](Self::start_joining_node), at the client and peer addresses
+    /// `addrs` when given (those of a dead node it is to replace) instead of free ports.
+    pub fn start_joining_node_at(
+        &mut self,
+        addrs: Option<(String, String)>,
+    ) -> anyhow::Result<NodeEntry> {
         if let Some(current) = ClusterFile::load(&self.dir)? {
             self.file = current;
         }
         let id = self.file.nodes.iter().map(|n| n.id).max().unwrap_or(0) + 1;
+        let (client_addr, peer_addr) = match addrs {
+            Some(addrs) => addrs,
+            None => self.free_addrs(id)?,
+        };
+        let entry = NodeEntry {
+            id,
+            client_addr,
+            peer_addr,
+            data_dir: self.dir.join(format!("node-{id}")),
+            pid: None,
+            joined: true,
+        };
+        self.file.nodes.push(entry.clone());
+        self.file.save(&self.dir)?;
+        self.start_node(id)?;
+        Ok(entry)
+    }
+
+    /// Client and peer addresses for new node `id`: free ports on its IP.
+    fn free_addrs(&self, id: u64) -> anyhow::Result<(String, String)> {
         let ip = if self.file.ip_per_node {
             node_ip(id)
         } else {
@@ -270,18 +299,7 @@ impl LocalCluster {
                 .map_or("127.0.0.1".to_string(), |(ip, _)| ip.to_string())
         };
         let ports = free_ports(&ip, 2)?;
-        let entry = NodeEntry {
-            id,
-            client_addr: format!("{ip}:{}", ports[0]),
-            peer_addr: format!("{ip}:{}", ports[1]),
-            data_dir: self.dir.join(format!("node-{id}")),
-            pid: None,
-            joined: true,
-        };
-        self.file.nodes.push(entry.clone());
-        self.file.save(&self.dir)?;
-        self.start_node(id)?;
-        Ok(entry)
+        Ok((format!("{ip}:{}", ports[0]), format!("{ip}:{}", ports[1])))
     }
 
     fn entry_mut(&mut self, id: u64) -> anyhow::Result<&mut NodeEntry> {

@@ -38,14 +38,8 @@ async fn add_then_remove(run: &mut Run<'_>) -> anyhow::Result<()> {
 /// Starts a fresh node with `--join`, adds it, and waits until it holds replicas and no replica
 /// move is left. Returns its id.
 pub(super) async fn add_fresh_node(run: &mut Run<'_>, client: &Client) -> anyhow::Result<u64> {
-    let (id, client_addr, peer_addr) = run.cluster.start_joining()?;
-    // The new process needs a moment to listen.
-    for _ in 0..100 {
-        if client.node_status(&client_addr).await.is_ok() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let (id, client_addr, peer_addr) = run.cluster.start_joining(None)?;
+    wait_answers(client, &client_addr).await;
     run.record(F::Start, "add-node", format!("{id}"));
     client.add_node(&client_addr, &peer_addr, Some(id)).await?;
     wait_map(client, Duration::from_secs(60), |m| {
@@ -55,6 +49,36 @@ pub(super) async fn add_fresh_node(run: &mut Run<'_>, client: &Client) -> anyhow
     .await;
     run.record(F::Stop, "add-node", format!("{id}"));
     Ok(id)
+}
+
+/// Starts a fresh node with `--join` at the addresses of dead node `old`, adds it in `old`'s
+/// place (`node add --replaces`), and waits until `old` has left the map. Returns the new id.
+pub(super) async fn replace_in_place(
+    run: &mut Run<'_>,
+    client: &Client,
+    old: u64,
+) -> anyhow::Result<u64> {
+    let (id, client_addr, peer_addr) = run.cluster.start_joining(Some(old))?;
+    wait_answers(client, &client_addr).await;
+    run.record(F::Start, "replace-node", format!("{old} -> {id}"));
+    client.replace_node(old, &client_addr, &peer_addr).await?;
+    wait_map(client, Duration::from_secs(90), |m| {
+        !m.nodes.iter().any(|n| n.id == old) && m.shards.iter().all(|s| s.moving_to == 0)
+    })
+    .await;
+    run.record(F::Stop, "replace-node", format!("{old} -> {id}"));
+    Ok(id)
+}
+
+/// Waits (up to 10 s) until a node answers at `client_addr`: a new process needs a moment to
+/// listen.
+async fn wait_answers(client: &Client, client_addr: &str) {
+    for _ in 0..100 {
+        if client.node_status(client_addr).await.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// Removes node `victim` (drained, or at once with `force` for a node that is gone) and waits

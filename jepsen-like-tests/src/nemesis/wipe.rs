@@ -3,14 +3,17 @@
 //! under its old id after its disk was swapped or its data directory removed. With an empty log it
 //! must not take part: a vote from it could elect a replica that lacks acknowledged writes. It
 //! must stop on its own, saying why; the nemesis then does what the operator should have done —
-//! adds a fresh node and force-removes the wiped one — so the cluster is whole again.
+//! adds a fresh node in its place, at its addresses (`node add --replaces`), or elsewhere before
+//! force-removing it — so the cluster is whole again.
 //!
 //! The history must stay linearizable (or the set complete) throughout.
 
 use std::time::Duration;
 
+use rand::Rng;
+
 use super::disk::FAIL_STOP_EXIT_CODE;
-use super::membership::{add_fresh_node, remove_node};
+use super::membership::{add_fresh_node, remove_node, replace_in_place};
 use super::targets::node_or_leader;
 use super::{Cycle, Run};
 use crate::history::F;
@@ -54,12 +57,19 @@ pub(super) async fn wipe(run: &mut Run<'_>, shard: u64) -> anyhow::Result<Cycle>
     };
     run.cluster.retire(target);
     run.record(F::Stop, "wipe", outcome);
-    // Replaced as an operator would: a fresh node first (the replication factor needs it),
-    // then the lost one removed without draining. Refusals under other faults are recorded.
+    // Replaced as an operator would, either way half the time: a new node at the lost one's
+    // addresses added in its place in one change, or a fresh node elsewhere first (the
+    // replication factor needs it) and the lost one then removed without draining. Refusals
+    // under other faults are recorded.
+    let in_place = run.rng.random_bool(0.5);
     let replaced = async {
         let client = &run.cluster.client(Duration::from_secs(30)).await?;
-        add_fresh_node(run, client).await?;
-        remove_node(run, client, target, true).await
+        if in_place {
+            replace_in_place(run, client, target).await.map(drop)
+        } else {
+            add_fresh_node(run, client).await?;
+            remove_node(run, client, target, true).await
+        }
     };
     if let Err(e) = replaced.await {
         run.record(F::Stop, "membership-error", format!("{e:#}"));
