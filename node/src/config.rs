@@ -12,7 +12,7 @@ use anyhow::{bail, Context};
 use clap::Parser;
 use serde::Deserialize;
 
-use crate::layout::{NodePhase, NodeSpec};
+use crate::layout::{parse_reachable_addr, NodePhase, NodeSpec};
 use crate::limits::Limits;
 
 /// Default of `--snapshot-send-mb-per-sec`: TiKV's default snapshot I/O rate, well below what
@@ -220,7 +220,16 @@ impl NodeConfig {
             Some(a) => a,
             None => derived("peer-addr", 7200)?,
         };
-        let initial_cluster = match args.initial_cluster.or(file.initial_cluster) {
+        let initial_cluster = args.initial_cluster.or(file.initial_cluster);
+        if initial_cluster.is_none() {
+            // The cluster records these addresses for this node (when it is added, or as the
+            // one-node initial cluster), so they must be ones others can connect to.
+            for (flag, addr) in [("--client-addr", client_addr), ("--peer-addr", peer_addr)] {
+                parse_reachable_addr(&addr.to_string())
+                    .map_err(|e| anyhow::anyhow!("{flag}: {e}"))?;
+            }
+        }
+        let initial_cluster = match initial_cluster {
             Some(_) if join => bail!("--join and --initial-cluster exclude each other"),
             Some(spec) => parse_initial_cluster(&spec)?,
             None if join => Vec::new(),
@@ -349,8 +358,8 @@ pub fn parse_initial_cluster(spec: &str) -> anyhow::Result<Vec<NodeSpec>> {
             bail!("initial cluster entry {item:?}: node id must be > 0");
         }
         for addr in [client, peer] {
-            addr.parse::<SocketAddr>()
-                .with_context(|| format!("initial cluster entry {item:?}: bad address {addr:?}"))?;
+            parse_reachable_addr(addr)
+                .map_err(|e| anyhow::anyhow!("initial cluster entry {item:?}: {e}"))?;
         }
         if nodes.iter().any(|n| n.id == id) {
             bail!("initial cluster lists node id {id} twice");
@@ -475,6 +484,28 @@ mod tests {
         })
         .unwrap_err();
         assert!(format!("{err:#}").contains("exclude"), "{err:#}");
+        // A joining node is recorded at the addresses it listens on: every interface is not one.
+        let err = NodeConfig::resolve(Args {
+            join: true,
+            client_addr: Some("0.0.0.0:7104".parse().unwrap()),
+            peer_addr: Some("127.0.0.1:7204".parse().unwrap()),
+            data_dir: Some("/tmp/x".into()),
+            ..Default::default()
+        })
+        .unwrap_err();
+        let err = format!("{err:#}");
+        assert!(
+            err.contains("--client-addr") && err.contains("own IP"),
+            "{err}"
+        );
+        // With an initial cluster that names this node's address, it may listen on every one.
+        NodeConfig::resolve(Args {
+            id: Some(1),
+            client_addr: Some("0.0.0.0:7101".parse().unwrap()),
+            initial_cluster: Some("1=127.0.0.1:7101/127.0.0.1:7201".into()),
+            ..Default::default()
+        })
+        .unwrap();
     }
 
     #[test]
@@ -505,6 +536,9 @@ mod tests {
             "1=127.0.0.1:1",
             "0=127.0.0.1:1/127.0.0.1:2",
             "1=127.0.0.1:1/127.0.0.1:2,1=127.0.0.1:3/127.0.0.1:4",
+            "1=0.0.0.0:7101/127.0.0.1:7201",
+            "1=127.0.0.1:7101/[::]:7201",
+            "1=127.0.0.1:0/127.0.0.1:7201",
         ] {
             assert!(parse_initial_cluster(bad).is_err(), "{bad:?} accepted");
         }

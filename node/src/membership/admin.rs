@@ -4,7 +4,6 @@
 //! driver then moves the replicas.
 
 use std::collections::BTreeSet;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,7 +14,7 @@ use strata_proto::v1::{
 use super::driver::{commit, survey};
 use super::meta;
 use crate::error::KvError;
-use crate::layout::{Layout, NodePhase, NodeSpec};
+use crate::layout::{parse_reachable_addr, Layout, NodePhase, NodeSpec};
 use crate::service::NodeState;
 
 /// How long the node being added has to answer the probe.
@@ -31,9 +30,7 @@ pub async fn add_node(
     req: AddNodeRequest,
 ) -> Result<AddNodeResponse, KvError> {
     for addr in [&req.client_addr, &req.peer_addr] {
-        addr.parse::<SocketAddr>().map_err(|e| {
-            KvError::InvalidArgument(format!("address {addr:?} is not HOST:PORT: {e}"))
-        })?;
+        parse_reachable_addr(addr).map_err(KvError::InvalidArgument)?;
     }
     let probe = probe(node, &req.peer_addr).await?;
     for _ in 0..ATTEMPTS {
