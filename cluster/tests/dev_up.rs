@@ -364,6 +364,17 @@ fn dev_up_serves_the_cli_survives_a_kill_and_restarts_with_its_data() {
 }
 
 /// Every node's log file in the cluster directory `dir`.
+/// Waits (up to 10 s) until a freshly started node listens on `addr`.
+fn wait_listening(addr: &str) {
+    for _ in 0..100 {
+        if std::net::TcpStream::connect(addr).is_ok() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("the new node never listened on {addr}");
+}
+
 fn node_logs(dir: &Path) -> Vec<PathBuf> {
     let mut logs: Vec<PathBuf> = std::fs::read_dir(dir)
         .unwrap()
@@ -403,15 +414,7 @@ fn dev_cluster_grows_and_shrinks_from_the_cli() {
         .and_then(|rest| rest.split_whitespace().next())
         .unwrap_or_else(|| panic!("no address in {text}"))
         .to_string();
-    let mut answered = false;
-    for _ in 0..100 {
-        if std::net::TcpStream::connect(&addr).is_ok() {
-            answered = true;
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    assert!(answered, "the new node never listened on {addr}");
+    wait_listening(&addr);
     let added = ok(strata(
         &dir,
         &["node", "add", "--addr", &addr, "--wait", "-o", "json"],
@@ -449,14 +452,94 @@ fn dev_cluster_grows_and_shrinks_from_the_cli() {
         assert!(v.contains(&format!("v{i}")), "{v}");
     }
 
-    eprintln!("--- Ctrl-C stops every node, the added one too; dev up brings them all back");
-    dev.ctrl_c();
+    eprintln!("--- node 2 dies with three nodes left; a new node at its addresses replaces it");
+    let file: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("cluster.json")).unwrap()).unwrap();
+    let node2 = file["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["id"] == 2)
+        .expect("node 2 in cluster.json")
+        .clone();
+    let pid = node2["pid"].as_i64().expect("node 2 pid") as i32;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let node2_addr = node2["client_addr"].as_str().unwrap().to_string();
+    let started = Command::new(STRATA)
+        .args(["dev", "add-node", "--replaces", "2", "--data-dir"])
+        .arg(&dir)
+        .env("STRATA_NODE_BIN", node_bin())
+        .output()
+        .unwrap();
+    let text = ok(started);
     assert!(
-        std::net::TcpStream::connect(&addr).is_err(),
-        "node 4 still listening"
+        text.contains(&format!("--addr {node2_addr} --replaces 2")),
+        "{text}"
     );
+    wait_listening(&node2_addr);
+    let replaced = ok(strata(
+        &dir,
+        &[
+            "node",
+            "add",
+            "--addr",
+            &node2_addr,
+            "--replaces",
+            "2",
+            "--wait",
+            "-o",
+            "json",
+        ],
+    ));
+    let replaced: serde_json::Value = serde_json::from_str(&replaced).unwrap();
+    assert_eq!(
+        (&replaced["node"], &replaced["done"]),
+        (&5.into(), &true.into())
+    );
+    let status = ok(strata(&dir, &["status", "-o", "json"]));
+    let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+    let nodes = status["nodes"].as_array().unwrap();
+    let ids: Vec<_> = nodes.iter().map(|n| n["id"].as_u64().unwrap()).collect();
+    assert_eq!(ids, [3, 4, 5], "{status:#}");
+    let node5 = &nodes[2];
+    assert_eq!(
+        (
+            node5["client_addr"].as_str(),
+            &node5["up"],
+            &node5["replicas"]
+        ),
+        (Some(node2_addr.as_str()), &true.into(), &8.into()),
+        "{status:#}"
+    );
+    for i in 0..20 {
+        let v = ok(strata(&dir, &["get", &format!("k{i}")]));
+        assert!(v.contains(&format!("v{i}")), "{v}");
+    }
+
+    eprintln!("--- Ctrl-C stops every node, the added ones too; dev up brings them all back");
+    dev.ctrl_c();
+    for a in [&addr, &node2_addr] {
+        assert!(
+            std::net::TcpStream::connect(a).is_err(),
+            "{a} still listening"
+        );
+    }
     let dev = DevUp::start(&dir, base);
     let v = ok(strata(&dir, &["get", "k7"]));
     assert!(v.contains("v7"), "{v}");
+    let status = ok(strata(&dir, &["status", "-o", "json"]));
+    let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+    assert!(
+        status["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|n| n["up"] == true),
+        "{status:#}"
+    );
     dev.ctrl_c();
 }

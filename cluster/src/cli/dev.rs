@@ -30,6 +30,10 @@ pub struct AddNodeArgs {
     /// Directory of the cluster.
     #[arg(long, default_value = super::DEFAULT_DATA_DIR)]
     pub data_dir: PathBuf,
+    /// Start the node at the addresses of this dead node, to be added in its place with
+    /// `strata node add --replaces`; the dead node leaves cluster.json (its data directory stays).
+    #[arg(long, value_name = "ID")]
+    pub replaces: Option<u64>,
 }
 
 /// `strata dev up`.
@@ -113,20 +117,35 @@ fn existing_cluster(dir: &std::path::Path) -> anyhow::Result<LocalCluster> {
 
 async fn add_node(a: &AddNodeArgs) -> anyhow::Result<()> {
     let mut cluster = existing_cluster(&a.data_dir)?;
-    let entry = cluster.start_joining_node()?;
+    let entry = match a.replaces {
+        Some(old) => cluster.start_replacement_node(old)?,
+        None => cluster.start_joining_node()?,
+    };
     cluster.detach();
+    let pid = cluster
+        .file()
+        .nodes
+        .iter()
+        .find(|n| n.id == entry.id)
+        .and_then(|n| n.pid)
+        .unwrap_or(0);
     println!(
-        "node {} started empty (pid {}), client {}, peer {}, log {}",
+        "node {} started empty (pid {pid}), client {}, peer {}, log {}",
         entry.id,
-        cluster.file().nodes.last().and_then(|n| n.pid).unwrap_or(0),
         entry.client_addr,
         entry.peer_addr,
         entry.log_path().display()
     );
-    println!(
-        "add it to the cluster with: strata node add --addr {} --wait",
-        entry.client_addr
-    );
+    match a.replaces {
+        Some(old) => println!(
+            "add it in node {old}'s place with: strata node add --addr {} --replaces {old} --wait",
+            entry.client_addr
+        ),
+        None => println!(
+            "add it to the cluster with: strata node add --addr {} --wait",
+            entry.client_addr
+        ),
+    }
     Ok(())
 }
 

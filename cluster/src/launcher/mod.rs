@@ -287,6 +287,23 @@ impl LocalCluster {
         Ok(entry)
     }
 
+    /// Starts an empty node with `--join` at the addresses of node `old`, whose process must be
+    /// gone, to be added in its place (`strata node add --replaces`). `old` leaves the cluster
+    /// file, so that it is not started again (its data directory stays on disk).
+    pub fn start_replacement_node(&mut self, old: u64) -> anyhow::Result<NodeEntry> {
+        if let Some(current) = ClusterFile::load(&self.dir)? {
+            self.file = current;
+        }
+        let entry = self.entry_mut(old)?.clone();
+        if let Some(pid) = entry.pid.filter(|p| process_alive(*p)) {
+            bail!("node {old} is still running (pid {pid}); stop it before replacing it");
+        }
+        let new = self.start_joining_node_at(Some((entry.client_addr, entry.peer_addr)))?;
+        self.file.nodes.retain(|n| n.id != old);
+        self.file.save(&self.dir)?;
+        Ok(new)
+    }
+
     /// Client and peer addresses for new node `id`: free ports on its IP.
     fn free_addrs(&self, id: u64) -> anyhow::Result<(String, String)> {
         let ip = if self.file.ip_per_node {
