@@ -364,6 +364,11 @@ fn dev_up_serves_the_cli_survives_a_kill_and_restarts_with_its_data() {
 }
 
 /// Every node's log file in the cluster directory `dir`.
+/// `strata status -o json`, parsed.
+fn status_json(dir: &Path) -> serde_json::Value {
+    serde_json::from_str(&ok(strata(dir, &["status", "-o", "json"]))).unwrap()
+}
+
 /// Waits (up to 10 s) until a freshly started node listens on `addr`.
 fn wait_listening(addr: &str) {
     for _ in 0..100 {
@@ -422,8 +427,7 @@ fn dev_cluster_grows_and_shrinks_from_the_cli() {
     let added: serde_json::Value = serde_json::from_str(&added).unwrap();
     assert_eq!(added["node"], 4);
     assert_eq!(added["done"], true);
-    let status = ok(strata(&dir, &["status", "-o", "json"]));
-    let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+    let status = status_json(&dir);
     let node4 = status["nodes"]
         .as_array()
         .unwrap()
@@ -434,8 +438,7 @@ fn dev_cluster_grows_and_shrinks_from_the_cli() {
 
     eprintln!("--- node remove --wait drains node 1 and removes it");
     ok(strata(&dir, &["node", "remove", "--id", "1", "--wait"]));
-    let status = ok(strata(&dir, &["status", "-o", "json"]));
-    let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+    let status = status_json(&dir);
     assert!(
         status["nodes"]
             .as_array()
@@ -500,8 +503,7 @@ fn dev_cluster_grows_and_shrinks_from_the_cli() {
         (&replaced["node"], &replaced["done"]),
         (&5.into(), &true.into())
     );
-    let status = ok(strata(&dir, &["status", "-o", "json"]));
-    let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+    let status = status_json(&dir);
     let nodes = status["nodes"].as_array().unwrap();
     let ids: Vec<_> = nodes.iter().map(|n| n["id"].as_u64().unwrap()).collect();
     assert_eq!(ids, [3, 4, 5], "{status:#}");
@@ -531,8 +533,7 @@ fn dev_cluster_grows_and_shrinks_from_the_cli() {
     let dev = DevUp::start(&dir, base);
     let v = ok(strata(&dir, &["get", "k7"]));
     assert!(v.contains("v7"), "{v}");
-    let status = ok(strata(&dir, &["status", "-o", "json"]));
-    let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+    let status = status_json(&dir);
     assert!(
         status["nodes"]
             .as_array()
