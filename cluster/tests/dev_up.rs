@@ -471,6 +471,12 @@ fn dev_cluster_grows_and_shrinks_from_the_cli() {
         nix::sys::signal::Signal::SIGKILL,
     )
     .unwrap();
+    // `dev add-node --replaces` refuses while the process still exists.
+    let until = std::time::Instant::now() + Duration::from_secs(10);
+    while strata_cluster::launcher::process_alive(pid as u32) {
+        assert!(std::time::Instant::now() < until, "node 2 outlived SIGKILL");
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let node2_addr = node2["client_addr"].as_str().unwrap().to_string();
     let started = Command::new(STRATA)
         .args(["dev", "add-node", "--replaces", "2", "--data-dir"])
