@@ -172,23 +172,7 @@ async fn a_dead_node_is_force_removed_and_its_shards_regain_replicas() {
         format!("127.0.0.1:{}", ports[1]),
     );
     let dir = tempfile::tempdir().unwrap();
-    let _node = KillOnDrop(
-        std::process::Command::new(env!("CARGO_BIN_EXE_strata-node"))
-            .args([
-                "--join",
-                "--client-addr",
-                &c,
-                "--peer-addr",
-                &p,
-                "--data-dir",
-            ])
-            .arg(dir.path())
-            .args(common::FAST_RAFT)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("spawn strata-node"),
-    );
+    let _node = KillOnDrop::join_without_id(&c, &p, dir.path());
     while client.node_status(&c).await.is_err() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -213,17 +197,7 @@ async fn a_dead_node_of_three_is_replaced_by_a_new_node_at_its_addresses() {
     let old = tc.cluster.file().nodes[1].clone();
     assert_eq!(old.id, 2);
     let dir = tempfile::tempdir().unwrap();
-    let mut fresh = KillOnDrop(
-        std::process::Command::new(env!("CARGO_BIN_EXE_strata-node"))
-            .args(["--join", "--client-addr", &old.client_addr])
-            .args(["--peer-addr", &old.peer_addr, "--data-dir"])
-            .arg(dir.path())
-            .args(common::FAST_RAFT)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("spawn strata-node"),
-    );
+    let mut fresh = KillOnDrop::join_without_id(&old.client_addr, &old.peer_addr, dir.path());
     let until = tokio::time::Instant::now() + Duration::from_secs(30);
     while !client
         .node_status(&old.client_addr)
@@ -275,6 +249,24 @@ async fn a_dead_node_of_three_is_replaced_by_a_new_node_at_its_addresses() {
 
 /// A child process killed when the test ends, also on panic.
 struct KillOnDrop(std::process::Child);
+
+impl KillOnDrop {
+    /// Starts an empty `strata-node --join` without `--id` at these addresses, as an operator
+    /// would on a real machine.
+    fn join_without_id(client_addr: &str, peer_addr: &str, data_dir: &std::path::Path) -> Self {
+        KillOnDrop(
+            std::process::Command::new(env!("CARGO_BIN_EXE_strata-node"))
+                .args(["--join", "--client-addr", client_addr])
+                .args(["--peer-addr", peer_addr, "--data-dir"])
+                .arg(data_dir)
+                .args(common::FAST_RAFT)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .expect("spawn strata-node"),
+        )
+    }
+}
 
 impl Drop for KillOnDrop {
     fn drop(&mut self) {
