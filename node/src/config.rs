@@ -12,7 +12,9 @@ use anyhow::{bail, Context};
 use clap::Parser;
 use serde::Deserialize;
 
-use crate::layout::{parse_reachable_addr, NodePhase, NodeSpec};
+use strata_proto::address::check_reachable_addr;
+
+use crate::layout::{NodePhase, NodeSpec};
 use crate::limits::Limits;
 
 /// Default of `--snapshot-send-mb-per-sec`: TiKV's default snapshot I/O rate, well below what
@@ -47,6 +49,15 @@ pub struct Args {
     /// Address the peer (Raft) service listens on; outgoing peer connections bind to its IP.
     #[arg(long, env = "STRATA_PEER_ADDR")]
     pub peer_addr: Option<SocketAddr>,
+    /// Address other nodes and clients reach the client API at, if not `--client-addr`: HOST:PORT
+    /// with an IP or a DNS name, e.g. `strata-0.strata:7100` for a node listening on
+    /// `0.0.0.0:7100` in a container. The cluster records this address for the node.
+    #[arg(long, env = "STRATA_ADVERTISE_CLIENT_ADDR")]
+    pub advertise_client_addr: Option<String>,
+    /// Address other nodes reach the peer service at, if not `--peer-addr` (see
+    /// `--advertise-client-addr`).
+    #[arg(long, env = "STRATA_ADVERTISE_PEER_ADDR")]
+    pub advertise_peer_addr: Option<String>,
     /// The bootstrap membership: `ID=CLIENT_ADDR/PEER_ADDR,...`. Read on first start only; later
     /// starts use the layout stored in the data directory.
     #[arg(long, env = "STRATA_INITIAL_CLUSTER")]
@@ -105,6 +116,8 @@ struct FileConfig {
     data_dir: Option<PathBuf>,
     client_addr: Option<SocketAddr>,
     peer_addr: Option<SocketAddr>,
+    advertise_client_addr: Option<String>,
+    advertise_peer_addr: Option<String>,
     initial_cluster: Option<String>,
     shards: Option<u32>,
     replication: Option<usize>,
@@ -168,6 +181,10 @@ pub struct NodeConfig {
     pub client_addr: SocketAddr,
     /// Peer (Raft) listen address.
     pub peer_addr: SocketAddr,
+    /// The client address the cluster records for this node and clients connect to.
+    pub advertise_client_addr: String,
+    /// The peer address the cluster records for this node and other nodes connect to.
+    pub advertise_peer_addr: String,
     /// Bootstrap membership (used only when the data directory holds no layout yet).
     pub initial_cluster: Vec<NodeSpec>,
     /// Shards created at bootstrap.
@@ -220,30 +237,43 @@ impl NodeConfig {
             Some(a) => a,
             None => derived("peer-addr", 7200)?,
         };
-        let initial_cluster = args.initial_cluster.or(file.initial_cluster);
-        if initial_cluster.is_none() {
-            // The cluster records these addresses for this node (when it is added, or as the
-            // one-node initial cluster), so they must be ones others can connect to.
-            for (flag, addr) in [("--client-addr", client_addr), ("--peer-addr", peer_addr)] {
-                parse_reachable_addr(&addr.to_string())
-                    .map_err(|e| anyhow::anyhow!("{flag}: {e}"))?;
-            }
-        }
-        let initial_cluster = match initial_cluster {
+        let initial_cluster = match args.initial_cluster.or(file.initial_cluster) {
             Some(_) if join => bail!("--join and --initial-cluster exclude each other"),
-            Some(spec) => parse_initial_cluster(&spec)?,
+            Some(spec) => {
+                let nodes = parse_initial_cluster(&spec)?;
+                if !nodes.iter().any(|n| n.id == id) {
+                    bail!("--initial-cluster does not list this node's id {id}");
+                }
+                Some(nodes)
+            }
+            None => None,
+        };
+        let own_entry = initial_cluster
+            .as_ref()
+            .and_then(|nodes| nodes.iter().find(|n| n.id == id));
+        let advertise_client_addr = advertised_addr(
+            "client",
+            args.advertise_client_addr.or(file.advertise_client_addr),
+            client_addr,
+            own_entry.map(|n| &n.client_addr),
+        )?;
+        let advertise_peer_addr = advertised_addr(
+            "peer",
+            args.advertise_peer_addr.or(file.advertise_peer_addr),
+            peer_addr,
+            own_entry.map(|n| &n.peer_addr),
+        )?;
+        let initial_cluster = match initial_cluster {
+            Some(nodes) => nodes,
             None if join => Vec::new(),
             None => vec![NodeSpec {
                 id,
-                client_addr: client_addr.to_string(),
-                peer_addr: peer_addr.to_string(),
+                client_addr: advertise_client_addr.clone(),
+                peer_addr: advertise_peer_addr.clone(),
                 phase: NodePhase::Active,
                 incarnation: 0,
             }],
         };
-        if !join && !initial_cluster.iter().any(|n| n.id == id) {
-            bail!("--initial-cluster does not list this node's id {id}");
-        }
         let data_dir = match args.data_dir.or(file.data_dir) {
             Some(d) => d,
             None if id == 0 => bail!("--join without --id needs an explicit --data-dir"),
@@ -255,6 +285,8 @@ impl NodeConfig {
             data_dir,
             client_addr,
             peer_addr,
+            advertise_client_addr,
+            advertise_peer_addr,
             initial_cluster,
             shards: args.shards.or(file.shards).unwrap_or(8),
             replication: args.replication.or(file.replication).unwrap_or(3),
@@ -337,6 +369,38 @@ impl NodeConfig {
     }
 }
 
+/// The address the cluster records for this node's `kind` (`client` or `peer`) service, which
+/// others connect to: the `--advertise-*` setting, else the node's own entry of the initial
+/// cluster, else the listen address. An explicit setting must agree with the initial cluster,
+/// since that is what the peers record for the node.
+fn advertised_addr(
+    kind: &str,
+    setting: Option<String>,
+    listen: SocketAddr,
+    initial_entry: Option<&String>,
+) -> anyhow::Result<String> {
+    let flag = format!("--advertise-{kind}-addr");
+    let addr = match (setting, initial_entry) {
+        (Some(given), Some(entry)) if &given != entry => bail!(
+            "{flag} {given} differs from this node's --initial-cluster entry {entry}; the \
+             peers record the initial cluster's address"
+        ),
+        (Some(given), _) => given,
+        (None, Some(entry)) => return Ok(entry.clone()),
+        (None, None) => {
+            let addr = listen.to_string();
+            check_reachable_addr(&addr).map_err(|e| {
+                anyhow::anyhow!(
+                    "--{kind}-addr: {e} (or give {flag}, the address others connect to)"
+                )
+            })?;
+            return Ok(addr);
+        }
+    };
+    check_reachable_addr(&addr).map_err(|e| anyhow::anyhow!("{flag}: {e}"))?;
+    Ok(addr)
+}
+
 fn ms(v: u64) -> Duration {
     Duration::from_millis(v)
 }
@@ -358,7 +422,7 @@ pub fn parse_initial_cluster(spec: &str) -> anyhow::Result<Vec<NodeSpec>> {
             bail!("initial cluster entry {item:?}: node id must be > 0");
         }
         for addr in [client, peer] {
-            parse_reachable_addr(addr)
+            check_reachable_addr(addr)
                 .map_err(|e| anyhow::anyhow!("initial cluster entry {item:?}: {e}"))?;
         }
         if nodes.iter().any(|n| n.id == id) {
@@ -495,7 +559,9 @@ mod tests {
         .unwrap_err();
         let err = format!("{err:#}");
         assert!(
-            err.contains("--client-addr") && err.contains("own IP"),
+            err.contains("--client-addr")
+                && err.contains("own IP")
+                && err.contains("--advertise-client-addr"),
             "{err}"
         );
         // With an initial cluster that names this node's address, it may listen on every one.
@@ -506,6 +572,85 @@ mod tests {
             ..Default::default()
         })
         .unwrap();
+    }
+
+    #[test]
+    fn advertised_addresses_default_to_the_initial_cluster_entry_then_the_listen_address() {
+        let join = |client: &str, advertise: Option<&str>| {
+            NodeConfig::resolve(Args {
+                join: true,
+                client_addr: Some(client.parse().unwrap()),
+                peer_addr: Some("0.0.0.0:7204".parse().unwrap()),
+                advertise_client_addr: advertise.map(str::to_string),
+                advertise_peer_addr: Some("strata-4.strata:7204".into()),
+                data_dir: Some("/tmp/x".into()),
+                ..Default::default()
+            })
+        };
+        // In a container: listen on every interface, be recorded under a DNS name.
+        let c = join("0.0.0.0:7104", Some("strata-4.strata:7104")).unwrap();
+        assert_eq!(c.advertise_client_addr, "strata-4.strata:7104");
+        assert_eq!(c.advertise_peer_addr, "strata-4.strata:7204");
+        assert_eq!(
+            c.peer_addr.to_string(),
+            "0.0.0.0:7204",
+            "still listens there"
+        );
+        let c = join("10.0.0.4:7104", None).unwrap();
+        assert_eq!(
+            c.advertise_client_addr, "10.0.0.4:7104",
+            "the listen address"
+        );
+        for (bad, needle) in [
+            ("0.0.0.0:7104", "connect to"),
+            ("strata-4.strata:0", "connect to"),
+            ("strata_4:7104", "bad host"),
+        ] {
+            let err = format!("{:#}", join("0.0.0.0:7104", Some(bad)).unwrap_err());
+            assert!(
+                err.contains("--advertise-client-addr") && err.contains(needle),
+                "{bad}: {err}"
+            );
+        }
+
+        // With an initial cluster, the node's entry is what peers record: it is the default,
+        // and an explicit advertised address must agree with it.
+        let initial = |advertise: Option<&str>| {
+            NodeConfig::resolve(Args {
+                id: Some(2),
+                client_addr: Some("0.0.0.0:7100".parse().unwrap()),
+                advertise_client_addr: advertise.map(str::to_string),
+                initial_cluster: Some(
+                    "1=strata-1:7100/strata-1:7200,2=strata-2:7100/strata-2:7200".into(),
+                ),
+                ..Default::default()
+            })
+        };
+        let c = initial(None).unwrap();
+        assert_eq!(
+            (
+                c.advertise_client_addr.as_str(),
+                c.advertise_peer_addr.as_str()
+            ),
+            ("strata-2:7100", "strata-2:7200")
+        );
+        initial(Some("strata-2:7100")).unwrap();
+        let err = format!("{:#}", initial(Some("strata-9:7100")).unwrap_err());
+        assert!(
+            err.contains("differs from this node's --initial-cluster entry strata-2:7100"),
+            "{err}"
+        );
+
+        // A node without an initial cluster bootstraps alone, recorded at its advertised address.
+        let c = NodeConfig::resolve(Args {
+            id: Some(1),
+            client_addr: Some("0.0.0.0:7101".parse().unwrap()),
+            advertise_client_addr: Some("db.example.com:7101".into()),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(c.initial_cluster[0].client_addr, "db.example.com:7101");
+        assert_eq!(c.initial_cluster[0].peer_addr, "127.0.0.1:7201");
     }
 
     #[test]
@@ -529,6 +674,8 @@ mod tests {
         .unwrap();
         assert_eq!(ok.len(), 2);
         assert_eq!(ok[1].peer_addr, "127.0.0.1:7202");
+        let named = parse_initial_cluster("1=strata-1.strata:7100/strata-1.strata:7200").unwrap();
+        assert_eq!(named[0].client_addr, "strata-1.strata:7100");
         for bad in [
             "",
             "1=a/b",
@@ -539,6 +686,7 @@ mod tests {
             "1=0.0.0.0:7101/127.0.0.1:7201",
             "1=127.0.0.1:7101/[::]:7201",
             "1=127.0.0.1:0/127.0.0.1:7201",
+            "1=strata_1:7100/127.0.0.1:7201",
         ] {
             assert!(parse_initial_cluster(bad).is_err(), "{bad:?} accepted");
         }

@@ -43,22 +43,6 @@ pub struct NodeSpec {
     pub incarnation: u64,
 }
 
-/// Parses an address to record in the layout, where other nodes and clients look it up: it must
-/// name one host and port — not `0.0.0.0` or `::` (every interface: a node may listen there, but
-/// no one can connect to it) and not port 0.
-pub fn parse_reachable_addr(addr: &str) -> Result<std::net::SocketAddr, String> {
-    let parsed: std::net::SocketAddr = addr
-        .parse()
-        .map_err(|e| format!("address {addr:?} is not HOST:PORT: {e}"))?;
-    if parsed.ip().is_unspecified() || parsed.port() == 0 {
-        return Err(format!(
-            "address {addr} is not one other nodes and clients can connect to; give this node's \
-             own IP and a port"
-        ));
-    }
-    Ok(parsed)
-}
-
 /// A node's place in the cluster's life cycle.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]

@@ -77,8 +77,8 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> anyh
         ),
         raft_timings: config.raft.clone(),
         snapshot_dir,
-        client_addr: config.client_addr.to_string(),
-        peer_addr: config.peer_addr.to_string(),
+        client_addr: config.advertise_client_addr.clone(),
+        peer_addr: config.advertise_peer_addr.clone(),
     }));
     if let Some(layout) = &layout {
         reconcile::adopt(&node, layout.clone()).await?;
@@ -124,6 +124,8 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> anyh
         node = node.id(),
         client = %config.client_addr,
         peer = %config.peer_addr,
+        advertised_client = %config.advertise_client_addr,
+        advertised_peer = %config.advertise_peer_addr,
         membership = node.membership().name(),
         "serving"
     );

@@ -166,13 +166,20 @@ async fn a_dead_node_is_force_removed_and_its_shards_regain_replicas() {
     assert_eq!(id, 5);
 
     phase("a node started without --id may not ask for a used id; it gets the next one");
+    // It listens on every interface and advertises a host name, as in a container: the cluster
+    // records the name, and clients and peers reach the node by it.
     let ports = strata_cluster::launcher::free_ports("127.0.0.1", 2).unwrap();
     let (c, p) = (
-        format!("127.0.0.1:{}", ports[0]),
-        format!("127.0.0.1:{}", ports[1]),
+        format!("localhost:{}", ports[0]),
+        format!("localhost:{}", ports[1]),
     );
     let dir = tempfile::tempdir().unwrap();
-    let _node = KillOnDrop::join_without_id(&c, &p, dir.path());
+    let _node = KillOnDrop::join_without_id(
+        &format!("0.0.0.0:{}", ports[0]),
+        &format!("0.0.0.0:{}", ports[1]),
+        dir.path(),
+        &["--advertise-client-addr", &c, "--advertise-peer-addr", &p],
+    );
     while client.node_status(&c).await.is_err() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -180,6 +187,21 @@ async fn a_dead_node_is_force_removed_and_its_shards_regain_replicas() {
     assert!(err.to_string().contains("never reused"), "{err}");
     let (id, _) = client.add_node(&c, &p, None).await.expect("add node");
     assert_eq!(id, 6);
+    let map = tc
+        .wait_for_map(&client, REBALANCE, "node 6 holds a replica", |m| {
+            replicas_on(m, 6) > 0
+        })
+        .await;
+    let recorded = map.nodes.iter().find(|n| n.id == 6).expect("node 6");
+    assert_eq!((&recorded.client_addr, &recorded.peer_addr), (&c, &p));
+    let st = client.node_status(&c).await.expect("node 6 status");
+    assert!(
+        st.groups
+            .iter()
+            .any(|g| g.group_id != 0 && g.applied_index > 0),
+        "node 6 caught up a shard over its advertised peer address: {:?}",
+        st.groups
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -197,7 +219,7 @@ async fn a_dead_node_of_three_is_replaced_by_a_new_node_at_its_addresses() {
     let old = tc.cluster.file().nodes[1].clone();
     assert_eq!(old.id, 2);
     let dir = tempfile::tempdir().unwrap();
-    let mut fresh = KillOnDrop::join_without_id(&old.client_addr, &old.peer_addr, dir.path());
+    let mut fresh = KillOnDrop::join_without_id(&old.client_addr, &old.peer_addr, dir.path(), &[]);
     let until = tokio::time::Instant::now() + Duration::from_secs(30);
     while !client
         .node_status(&old.client_addr)
@@ -251,15 +273,21 @@ async fn a_dead_node_of_three_is_replaced_by_a_new_node_at_its_addresses() {
 struct KillOnDrop(std::process::Child);
 
 impl KillOnDrop {
-    /// Starts an empty `strata-node --join` without `--id` at these addresses, as an operator
-    /// would on a real machine.
-    fn join_without_id(client_addr: &str, peer_addr: &str, data_dir: &std::path::Path) -> Self {
+    /// Starts an empty `strata-node --join` without `--id` listening at these addresses, with
+    /// `extra` flags, as an operator would on a real machine.
+    fn join_without_id(
+        client_addr: &str,
+        peer_addr: &str,
+        data_dir: &std::path::Path,
+        extra: &[&str],
+    ) -> Self {
         KillOnDrop(
             std::process::Command::new(env!("CARGO_BIN_EXE_strata-node"))
                 .args(["--join", "--client-addr", client_addr])
                 .args(["--peer-addr", peer_addr, "--data-dir"])
                 .arg(data_dir)
                 .args(common::FAST_RAFT)
+                .args(extra)
                 .stdout(std::process::Stdio::null())
                 .stderr(std::process::Stdio::null())
                 .spawn()

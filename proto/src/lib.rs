@@ -4,6 +4,7 @@
 //! - [`v1`]: package `strata.v1` — the `Kv` service (client API), the `Cluster` service (shard
 //!   map, status) and the internal `Raft` service (node-to-node transport).
 //! - [`keyspace`]: hash tags and slot hashing.
+//! - [`address`]: the `HOST:PORT` form of the node addresses the cluster records.
 
 #![warn(missing_docs)]
 
@@ -13,4 +14,5 @@ pub mod v1 {
     tonic::include_proto!("strata.v1");
 }
 
+pub mod address;
 pub mod keyspace;

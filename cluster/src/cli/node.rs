@@ -4,11 +4,12 @@
 
 use std::time::Duration;
 
-use anyhow::{bail, Context};
+use anyhow::bail;
 use clap::{Args, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 use strata_client::Client;
+use strata_proto::address::check_reachable_addr;
 use strata_proto::v1::ShardMap;
 use tokio::time::Instant;
 
@@ -27,7 +28,7 @@ pub enum NodeCmd {
 /// `strata node add`.
 #[derive(Args, Debug)]
 pub struct AddArgs {
-    /// Client address (HOST:PORT) of the new node.
+    /// Client address (HOST:PORT, an IP or a DNS name) of the new node.
     #[arg(long)]
     pub addr: String,
     /// Id to give the node (default: the one it was started with, else the next free id).
@@ -87,9 +88,7 @@ async fn add(cli: &Cli, client: &Client, a: &AddArgs) -> anyhow::Result<()> {
     if a.id == Some(0) {
         bail!("--id must be > 0");
     }
-    a.addr
-        .parse::<std::net::SocketAddr>()
-        .with_context(|| format!("--addr {:?} is not HOST:PORT", a.addr))?;
+    check_reachable_addr(&a.addr).map_err(|e| anyhow::anyhow!("--addr: {e}"))?;
     let st = client
         .node_status(&a.addr)
         .await

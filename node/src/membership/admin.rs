@@ -7,6 +7,7 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
+use strata_proto::address::check_reachable_addr;
 use strata_proto::v1::{
     AddNodeRequest, AddNodeResponse, LayoutExchange, RemoveNodeRequest, RemoveNodeResponse,
 };
@@ -14,7 +15,7 @@ use strata_proto::v1::{
 use super::driver::{commit, survey};
 use super::meta;
 use crate::error::KvError;
-use crate::layout::{parse_reachable_addr, Layout, NodePhase, NodeSpec};
+use crate::layout::{Layout, NodePhase, NodeSpec};
 use crate::service::NodeState;
 
 /// How long the node being added has to answer the probe.
@@ -30,7 +31,7 @@ pub async fn add_node(
     req: AddNodeRequest,
 ) -> Result<AddNodeResponse, KvError> {
     for addr in [&req.client_addr, &req.peer_addr] {
-        parse_reachable_addr(addr).map_err(KvError::InvalidArgument)?;
+        check_reachable_addr(addr).map_err(KvError::InvalidArgument)?;
     }
     let probe = probe(node, &req.peer_addr).await?;
     for _ in 0..ATTEMPTS {

@@ -38,7 +38,8 @@ pub struct NodeState {
     pub raft_timings: RaftTimings,
     /// Where groups keep their snapshot files.
     pub snapshot_dir: PathBuf,
-    /// This node's listen addresses, as the layout records them.
+    /// This node's advertised addresses (its listen addresses unless `--advertise-*` says
+    /// otherwise), as the layout records them and as it describes itself to `strata node add`.
     pub client_addr: String,
     /// See `client_addr`.
     pub peer_addr: String,
@@ -90,9 +91,9 @@ pub struct NodeParts {
     pub raft_timings: RaftTimings,
     /// Snapshot directory.
     pub snapshot_dir: PathBuf,
-    /// Client listen address.
+    /// Advertised client address.
     pub client_addr: String,
-    /// Peer listen address.
+    /// Advertised peer address.
     pub peer_addr: String,
 }
 
