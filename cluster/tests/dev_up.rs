@@ -380,6 +380,19 @@ fn wait_listening(addr: &str) {
     panic!("the new node never listened on {addr}");
 }
 
+/// The ids of the nodes `cluster.json` lists.
+fn cluster_file_ids(dir: &Path) -> Vec<u64> {
+    let file = ClusterFile::load(dir).unwrap().expect("cluster.json");
+    file.nodes.iter().map(|n| n.id).collect()
+}
+
+/// Node `id`'s entry in `cluster.json`.
+fn cluster_file_node(dir: &Path, id: u64) -> strata_cluster::launcher::NodeEntry {
+    let file = ClusterFile::load(dir).unwrap().expect("cluster.json");
+    let entry = file.nodes.into_iter().find(|n| n.id == id);
+    entry.unwrap_or_else(|| panic!("node {id} in cluster.json"))
+}
+
 fn node_logs(dir: &Path) -> Vec<PathBuf> {
     let mut logs: Vec<PathBuf> = std::fs::read_dir(dir)
         .unwrap()
@@ -436,8 +449,19 @@ fn dev_cluster_grows_and_shrinks_from_the_cli() {
         .expect("node 4 in status");
     assert_eq!(node4["replicas"], 6, "{status:#}");
 
-    eprintln!("--- node remove --wait drains node 1 and removes it");
+    eprintln!("--- node remove --wait drains node 1 and removes it; dev up then stops it");
+    let node1_pid = cluster_file_node(&dir, 1).pid.expect("node 1 pid");
     ok(strata(&dir, &["node", "remove", "--id", "1", "--wait"]));
+    let until = std::time::Instant::now() + Duration::from_secs(20);
+    while cluster_file_ids(&dir).contains(&1) || strata_cluster::launcher::process_alive(node1_pid)
+    {
+        assert!(
+            std::time::Instant::now() < until,
+            "dev up kept the removed node 1: {:?}",
+            cluster_file_ids(&dir)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let status = status_json(&dir);
     assert!(
         status["nodes"]
@@ -456,16 +480,8 @@ fn dev_cluster_grows_and_shrinks_from_the_cli() {
     }
 
     eprintln!("--- node 2 dies with three nodes left; a new node at its addresses replaces it");
-    let file: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("cluster.json")).unwrap()).unwrap();
-    let node2 = file["nodes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|n| n["id"] == 2)
-        .expect("node 2 in cluster.json")
-        .clone();
-    let pid = node2["pid"].as_i64().expect("node 2 pid") as i32;
+    let node2 = cluster_file_node(&dir, 2);
+    let pid = node2.pid.expect("node 2 pid") as i32;
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(pid),
         nix::sys::signal::Signal::SIGKILL,
@@ -477,7 +493,7 @@ fn dev_cluster_grows_and_shrinks_from_the_cli() {
         assert!(std::time::Instant::now() < until, "node 2 outlived SIGKILL");
         std::thread::sleep(Duration::from_millis(20));
     }
-    let node2_addr = node2["client_addr"].as_str().unwrap().to_string();
+    let node2_addr = node2.client_addr.clone();
     let started = Command::new(STRATA)
         .args(["dev", "add-node", "--replaces", "2", "--data-dir"])
         .arg(&dir)

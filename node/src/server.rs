@@ -21,7 +21,7 @@ use tonic::transport::server::TcpIncoming;
 use crate::config::NodeConfig;
 use crate::layout::{Layout, META_GROUP};
 use crate::membership::meta::{self, LAYOUT_META_KEY};
-use crate::membership::{driver, reconcile};
+use crate::membership::{driver, follow, reconcile};
 use crate::raft::identity::PeerIdentity;
 use crate::raft::network::PeerPool;
 use crate::service::cluster::ClusterService;
@@ -120,6 +120,7 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> anyh
         bootstrap(&node).await?;
     }
     let driver = tokio::spawn(driver::run(node.clone(), stop_rx.clone()));
+    let follower = tokio::spawn(follow::run(node.clone(), stop_rx.clone()));
     tracing::info!(
         node = node.id(),
         client = %config.client_addr,
@@ -158,6 +159,7 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> anyh
         client_task.abort();
     }
     let _ = driver.await;
+    let _ = follower.await;
     if !node.stop_peer_requests(PEER_REQUEST_DRAIN_TIMEOUT).await {
         tracing::warn!(
             node = node.id(),

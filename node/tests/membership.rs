@@ -157,6 +157,25 @@ async fn a_dead_node_is_force_removed_and_its_shards_regain_replicas() {
     let after = common::put_all(&client, "dead-after", 32).await;
     assert_all_readable(&client, &after).await;
 
+    phase("node 2 comes back after all: it learns that it was removed and drops its replicas");
+    tc.cluster.start_node(2).expect("restart node 2");
+    let node2 = tc.cluster.file().nodes[1].client_addr.clone();
+    let until = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let st = client.node_status(&node2).await;
+        if let Ok(st) = &st {
+            if st.membership == "removed" && st.groups.is_empty() {
+                break;
+            }
+        }
+        assert!(
+            tokio::time::Instant::now() < until,
+            "node 2 never learnt it was removed: {st:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_all_readable(&client, &after).await;
+
     phase("a new node takes a new id, never the dead node's");
     let entry = tc.start_joining_node(&client).await;
     let (id, _) = client

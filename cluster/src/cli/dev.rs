@@ -91,6 +91,9 @@ fn err(line: std::fmt::Arguments<'_>) {
 /// How long nodes get to stop after SIGTERM before they are killed.
 const STOP_GRACE: Duration = Duration::from_secs(10);
 
+/// How often `dev up` looks for nodes the cluster removed.
+const REMOVAL_CHECK: Duration = Duration::from_secs(2);
+
 /// Runs a `strata dev` command.
 pub async fn run(cmd: &DevCmd) -> anyhow::Result<()> {
     match cmd {
@@ -219,6 +222,8 @@ async fn up(a: &UpArgs) -> anyhow::Result<()> {
     out(format_args!("press Ctrl-C to stop all nodes"));
 
     let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut removal_check = tokio::time::interval(REMOVAL_CHECK);
+    let mut client = None;
     loop {
         tokio::select! {
             _ = interrupt.recv() => break,
@@ -226,6 +231,16 @@ async fn up(a: &UpArgs) -> anyhow::Result<()> {
             _ = tick.tick() => {
                 for (id, status) in cluster.exited_nodes() {
                     err(format_args!("node {id} exited ({status}); restart it with: strata dev restart-node --id {id} --data-dir {}", a.data_dir.display()));
+                }
+            }
+            _ = removal_check.tick() => {
+                if client.is_none() {
+                    client = cluster.client().await.ok();
+                }
+                if let Some(client) = &client {
+                    if let Err(e) = retire_removed_nodes(&mut cluster, client).await {
+                        err(format_args!("could not stop a removed node: {e:#}"));
+                    }
                 }
             }
         }
@@ -245,6 +260,38 @@ async fn up(a: &UpArgs) -> anyhow::Result<()> {
     err(format_args!(
         "all nodes stopped; run the same command again to restart the cluster with its data"
     ));
+    Ok(())
+}
+
+/// Stops the nodes of the cluster file that say the cluster removed them (`strata node remove`,
+/// or a node removed by force or replaced while it was down, which learns it once restarted) and
+/// drops them from the file, so that `dev up` neither keeps them running nor starts them again.
+async fn retire_removed_nodes(
+    cluster: &mut LocalCluster,
+    client: &strata_client::Client,
+) -> anyhow::Result<()> {
+    let running: Vec<(u64, String)> = match crate::launcher::ClusterFile::load(cluster.dir())? {
+        Some(file) => file
+            .nodes
+            .into_iter()
+            .filter(|n| n.pid.is_some_and(crate::launcher::process_alive))
+            .map(|n| (n.id, n.client_addr))
+            .collect(),
+        None => return Ok(()),
+    };
+    for (id, addr) in running {
+        let removed = client
+            .node_status(&addr)
+            .await
+            .is_ok_and(|st| st.node_id == id && st.membership == "removed");
+        if removed {
+            cluster.retire_node(id, STOP_GRACE)?;
+            err(format_args!(
+                "node {id} was removed from the cluster: stopped it and dropped it from {} (its data directory stays)",
+                crate::launcher::CLUSTER_FILE
+            ));
+        }
+    }
     Ok(())
 }
 

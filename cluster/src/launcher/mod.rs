@@ -358,6 +358,20 @@ impl LocalCluster {
         Ok(true)
     }
 
+    /// Stops node `id`, which the cluster removed, and drops it from the cluster file so that it
+    /// is not started again (its data directory stays on disk). Returns whether it had to be
+    /// killed.
+    pub fn retire_node(&mut self, id: u64, grace: Duration) -> anyhow::Result<bool> {
+        // Other `strata` processes may have added or restarted nodes.
+        if let Some(current) = ClusterFile::load(&self.dir)? {
+            self.file = current;
+        }
+        let killed = self.stop_node(id, grace)?;
+        self.file.nodes.retain(|n| n.id != id);
+        self.file.save(&self.dir)?;
+        Ok(killed)
+    }
+
     /// Stops every node gracefully, including ones started by an earlier launcher. Returns the
     /// ids of the nodes that did not stop within `grace` of SIGTERM and were killed.
     pub fn stop_all(&mut self, grace: Duration) -> anyhow::Result<Vec<u64>> {

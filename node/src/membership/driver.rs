@@ -82,6 +82,7 @@ pub fn describe(node: &NodeState) -> LayoutExchange {
         groups: node.groups.all().iter().map(|g| g.status()).collect(),
         slowest_wal_sync_ms: node.engine.slowest_recent_sync().as_millis() as u64,
         incarnation: node.pool.identity().incarnation(),
+        newer_than: 0,
     }
 }
 
@@ -93,7 +94,7 @@ pub fn disk_is_slow(about: &LayoutExchange) -> bool {
 
 /// Asks node `target` to describe itself, without pushing a layout.
 pub async fn ask(node: &NodeState, target: u64) -> Result<LayoutExchange, String> {
-    push(node, target, bytes::Bytes::new()).await
+    exchange(node, target, LayoutExchange::default()).await
 }
 
 /// Pushes `layout` to every node of it and collects who answers and who leads what.
@@ -175,11 +176,22 @@ async fn push(
     target: u64,
     layout: bytes::Bytes,
 ) -> Result<LayoutExchange, String> {
-    let mut client = node.pool.peer(target)?;
-    let mut req = tonic::Request::new(LayoutExchange {
+    let req = LayoutExchange {
         layout,
         ..Default::default()
-    });
+    };
+    exchange(node, target, req).await
+}
+
+/// Sends `req` to node `target`'s `ExchangeLayout`; returns the answer, which must come from
+/// `target`.
+pub async fn exchange(
+    node: &NodeState,
+    target: u64,
+    req: LayoutExchange,
+) -> Result<LayoutExchange, String> {
+    let mut client = node.pool.peer(target)?;
+    let mut req = tonic::Request::new(req);
     req.set_timeout(SURVEY_TIMEOUT);
     let call = client.exchange_layout(req);
     match tokio::time::timeout(SURVEY_TIMEOUT, call).await {

@@ -7,6 +7,8 @@
 //!   action (move a replica, transfer a leadership, retire a drained node).
 //! - [`driver`]: the placement driver loop on the meta leader: surveys the nodes (pushing the
 //!   layout to them), asks [`placement`] what to do, and does it, one step at a time.
+//! - [`follow`]: every member asks its peers in turn for a newer layout, so a node removed while
+//!   it was down learns that it was removed.
 //! - [`admin`]: the operator's `node add` / `node remove` requests, validated against the layout
 //!   and the survey before anything is written.
 //!
@@ -18,6 +20,7 @@
 
 pub mod admin;
 pub mod driver;
+pub mod follow;
 pub mod meta;
 pub mod placement;
 pub mod reconcile;

@@ -229,7 +229,8 @@ impl Raft for TransportService {
         Ok(reply(g.raft().install_full_snapshot(vote, snapshot).await))
     }
 
-    /// The placement driver's push: adopt the layout if newer, describe this node.
+    /// The placement driver's push: adopt the layout if newer, describe this node; and a
+    /// peer's question: send this node's layout back if it is newer than the peer's.
     async fn exchange_layout(
         &self,
         req: Request<LayoutExchange>,
@@ -242,7 +243,16 @@ impl Raft for TransportService {
                 .await
                 .map_err(|e| Status::internal(format!("adopt layout: {e:#}")))?;
         }
-        Ok(Response::new(describe(&self.node)))
+        let mut reply = describe(&self.node);
+        if req.newer_than > 0 {
+            let layout = self.node.layout();
+            if layout.epoch > req.newer_than {
+                reply.layout = serde_json::to_vec(&*layout)
+                    .expect("layout serializes")
+                    .into();
+            }
+        }
+        Ok(Response::new(reply))
     }
 
     /// Names this node (the caller's own identity was checked and recorded from its header).
