@@ -58,6 +58,22 @@ pub struct ClusterSpec {
     pub ip_per_node: bool,
 }
 
+/// The (client, peer) ports of nodes 1..=`nodes` from `--base-port`: node i gets `base + i` and
+/// `base + 100 + i`. Refused when they would leave the unprivileged port range.
+fn base_ports(base: u16, nodes: usize) -> anyhow::Result<Vec<(u16, u16)>> {
+    let last_peer = u32::from(base) + 100 + nodes as u32;
+    if base < 1024 || last_peer > u32::from(u16::MAX) {
+        bail!(
+            "--base-port {base} does not fit {nodes} nodes: their ports run from {} to \
+             {last_peer}, which must lie within 1025..=65535",
+            u32::from(base) + 1
+        );
+    }
+    Ok((1..=nodes as u16)
+        .map(|i| (base + i, base + 100 + i))
+        .collect())
+}
+
 /// The loopback address of node `id` in a cluster with one address per node.
 pub fn node_ip(id: u64) -> String {
     format!("127.0.0.{}", 10 + id)
@@ -102,9 +118,7 @@ impl LocalCluster {
                     })
                     .collect();
                 let ports = match spec.base_port {
-                    Some(base) => (1..=spec.nodes as u16)
-                        .map(|i| (base + i, base + 100 + i))
-                        .collect::<Vec<_>>(),
+                    Some(base) => base_ports(base, spec.nodes)?,
                     // Each address has its own port space; one shared address needs distinct ports.
                     None if spec.ip_per_node => ips
                         .iter()
@@ -547,6 +561,24 @@ impl Drop for LocalCluster {
         for (_, child) in &mut self.children {
             let _ = child.kill();
             let _ = child.wait();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::base_ports;
+
+    #[test]
+    fn base_ports_stay_in_the_unprivileged_range() {
+        assert_eq!(
+            base_ports(7100, 3).unwrap(),
+            [(7101, 7201), (7102, 7202), (7103, 7203)]
+        );
+        assert_eq!(base_ports(65_432, 3).unwrap()[2], (65_435, 65_535));
+        for (base, nodes) in [(65_500, 3), (65_433, 3), (0, 3), (1000, 1)] {
+            let err = base_ports(base, nodes).unwrap_err().to_string();
+            assert!(err.contains("must lie within 1025..=65535"), "{err}");
         }
     }
 }
