@@ -227,7 +227,12 @@ impl NodeConfig {
             if id == 0 {
                 bail!("--join without --id needs an explicit --{what}");
             }
-            Ok(SocketAddr::from(([127, 0, 0, 1], port_base + id as u16)))
+            let port = u16::try_from(u64::from(port_base) + id).map_err(|_| {
+                anyhow::anyhow!(
+                    "node id {id} has no default --{what} ({port_base} + id is no port)"
+                )
+            })?;
+            Ok(SocketAddr::from(([127, 0, 0, 1], port)))
         };
         let client_addr = match args.client_addr.or(file.client_addr) {
             Some(a) => a,
@@ -651,6 +656,28 @@ mod tests {
         .unwrap();
         assert_eq!(c.initial_cluster[0].client_addr, "db.example.com:7101");
         assert_eq!(c.initial_cluster[0].peer_addr, "127.0.0.1:7201");
+    }
+
+    #[test]
+    fn default_addresses_derive_from_the_id_without_wrapping() {
+        let c = NodeConfig::resolve(Args {
+            id: Some(2),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(
+            (c.client_addr.to_string(), c.peer_addr.to_string()),
+            ("127.0.0.1:7102".into(), "127.0.0.1:7202".into())
+        );
+        let err = NodeConfig::resolve(Args {
+            id: Some(60_000),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(
+            format!("{err:#}").contains("no default --client-addr"),
+            "{err:#}"
+        );
     }
 
     #[test]
