@@ -28,6 +28,25 @@ fn fully_replicated_without(map: &strata_proto::v1::ShardMap, r: usize, gone: u6
         && !map.nodes.iter().any(|n| n.id == gone)
 }
 
+/// Waits until the node at `addr` says it was removed from the cluster and hosts no group.
+async fn wait_until_removed(client: &strata_client::Client, addr: &str) {
+    let until = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let st = client.node_status(addr).await;
+        if st
+            .as_ref()
+            .is_ok_and(|st| st.membership == "removed" && st.groups.is_empty())
+        {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < until,
+            "the node at {addr} never learnt it was removed: {st:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 /// The replicas of each group agree with the layout: every voter set that a replica reports
 /// equals the layout's replica list.
 async fn assert_raft_membership_matches(
@@ -112,13 +131,8 @@ async fn removing_a_node_under_write_load_drains_it_first() {
         .await;
 
     phase("stop the removed node: every shard stays available");
-    let st = client.node_status(&tc.client_addr(1)).await.unwrap();
-    assert_eq!(st.membership, "removed");
-    assert!(
-        st.groups.is_empty(),
-        "removed node hosts nothing: {:?}",
-        st.groups
-    );
+    // The other nodes may serve the map without node 1 a moment before node 1 has adopted it.
+    wait_until_removed(&client, &tc.client_addr(1)).await;
     tc.cluster.kill_node(1).expect("kill node 1");
     tokio::time::sleep(Duration::from_secs(1)).await;
     let (mut acked, errors) = writers.stop().await;
@@ -159,21 +173,7 @@ async fn a_dead_node_is_force_removed_and_its_shards_regain_replicas() {
 
     phase("node 2 comes back after all: it learns that it was removed and drops its replicas");
     tc.cluster.start_node(2).expect("restart node 2");
-    let node2 = tc.cluster.file().nodes[1].client_addr.clone();
-    let until = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let st = client.node_status(&node2).await;
-        if let Ok(st) = &st {
-            if st.membership == "removed" && st.groups.is_empty() {
-                break;
-            }
-        }
-        assert!(
-            tokio::time::Instant::now() < until,
-            "node 2 never learnt it was removed: {st:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_until_removed(&client, &tc.client_addr(2)).await;
     assert_all_readable(&client, &after).await;
 
     phase("a new node takes a new id, never the dead node's");
