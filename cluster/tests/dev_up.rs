@@ -380,6 +380,11 @@ fn wait_listening(addr: &str) {
     panic!("the new node never listened on {addr}");
 }
 
+/// The `nodes` of `strata status -o json`.
+fn status_nodes(status: &serde_json::Value) -> &Vec<serde_json::Value> {
+    status["nodes"].as_array().expect("status lists nodes")
+}
+
 /// The ids of the nodes `cluster.json` lists.
 fn cluster_file_ids(dir: &Path) -> Vec<u64> {
     let file = ClusterFile::load(dir).unwrap().expect("cluster.json");
@@ -441,9 +446,7 @@ fn dev_cluster_grows_and_shrinks_from_the_cli() {
     assert_eq!(added["node"], 4);
     assert_eq!(added["done"], true);
     let status = status_json(&dir);
-    let node4 = status["nodes"]
-        .as_array()
-        .unwrap()
+    let node4 = status_nodes(&status)
         .iter()
         .find(|n| n["id"] == 4)
         .expect("node 4 in status");
@@ -464,11 +467,7 @@ fn dev_cluster_grows_and_shrinks_from_the_cli() {
     }
     let status = status_json(&dir);
     assert!(
-        status["nodes"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .all(|n| n["id"] != 1),
+        status_nodes(&status).iter().all(|n| n["id"] != 1),
         "{status:#}"
     );
     let bad = strata(&dir, &["node", "remove", "--id", "1"]);
@@ -526,7 +525,7 @@ fn dev_cluster_grows_and_shrinks_from_the_cli() {
         (&5.into(), &true.into())
     );
     let status = status_json(&dir);
-    let nodes = status["nodes"].as_array().unwrap();
+    let nodes = status_nodes(&status);
     let ids: Vec<_> = nodes.iter().map(|n| n["id"].as_u64().unwrap()).collect();
     assert_eq!(ids, [3, 4, 5], "{status:#}");
     let node5 = &nodes[2];
@@ -557,11 +556,7 @@ fn dev_cluster_grows_and_shrinks_from_the_cli() {
     assert!(v.contains("v7"), "{v}");
     let status = status_json(&dir);
     assert!(
-        status["nodes"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .all(|n| n["up"] == true),
+        status_nodes(&status).iter().all(|n| n["up"] == true),
         "{status:#}"
     );
     dev.ctrl_c();

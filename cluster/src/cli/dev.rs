@@ -270,15 +270,14 @@ async fn retire_removed_nodes(
     cluster: &mut LocalCluster,
     client: &strata_client::Client,
 ) -> anyhow::Result<()> {
-    let running: Vec<(u64, String)> = match crate::launcher::ClusterFile::load(cluster.dir())? {
-        Some(file) => file
-            .nodes
-            .into_iter()
-            .filter(|n| n.pid.is_some_and(crate::launcher::process_alive))
-            .map(|n| (n.id, n.client_addr))
-            .collect(),
-        None => return Ok(()),
-    };
+    cluster.reload()?;
+    let running: Vec<(u64, String)> = cluster
+        .file()
+        .nodes
+        .iter()
+        .filter(|n| n.pid.is_some_and(crate::launcher::process_alive))
+        .map(|n| (n.id, n.client_addr.clone()))
+        .collect();
     for (id, addr) in running {
         let removed = client
             .node_status(&addr)

@@ -259,9 +259,7 @@ impl LocalCluster {
         self.children.retain(|(n, _)| *n != id);
         self.children.push((id, child));
         // Read-modify-write: other `strata` processes may have updated other nodes' pids.
-        if let Some(current) = ClusterFile::load(&self.dir)? {
-            self.file = current;
-        }
+        self.reload()?;
         self.entry_mut(id)?.pid = Some(pid);
         self.file.save(&self.dir)?;
         Ok(pid)
@@ -279,9 +277,7 @@ impl LocalCluster {
         &mut self,
         addrs: Option<(String, String)>,
     ) -> anyhow::Result<NodeEntry> {
-        if let Some(current) = ClusterFile::load(&self.dir)? {
-            self.file = current;
-        }
+        self.reload()?;
         let id = self.file.nodes.iter().map(|n| n.id).max().unwrap_or(0) + 1;
         let (client_addr, peer_addr) = match addrs {
             Some(addrs) => addrs,
@@ -305,9 +301,7 @@ impl LocalCluster {
     /// gone, to be added in its place (`strata node add --replaces`). `old` leaves the cluster
     /// file, so that it is not started again (its data directory stays on disk).
     pub fn start_replacement_node(&mut self, old: u64) -> anyhow::Result<NodeEntry> {
-        if let Some(current) = ClusterFile::load(&self.dir)? {
-            self.file = current;
-        }
+        self.reload()?;
         let entry = self.entry_mut(old)?.clone();
         if let Some(pid) = entry.pid.filter(|p| process_alive(*p)) {
             bail!("node {old} is still running (pid {pid}); stop it before replacing it");
@@ -331,6 +325,15 @@ impl LocalCluster {
         };
         let ports = free_ports(&ip, 2)?;
         Ok((format!("{ip}:{}", ports[0]), format!("{ip}:{}", ports[1])))
+    }
+
+    /// Rereads the cluster file: other `strata` processes (`dev add-node`, `dev restart-node`)
+    /// may have added nodes or recorded new pids since this launcher last read it.
+    pub fn reload(&mut self) -> anyhow::Result<()> {
+        if let Some(current) = ClusterFile::load(&self.dir)? {
+            self.file = current;
+        }
+        Ok(())
     }
 
     fn entry_mut(&mut self, id: u64) -> anyhow::Result<&mut NodeEntry> {
@@ -376,10 +379,7 @@ impl LocalCluster {
     /// is not started again (its data directory stays on disk). Returns whether it had to be
     /// killed.
     pub fn retire_node(&mut self, id: u64, grace: Duration) -> anyhow::Result<bool> {
-        // Other `strata` processes may have added or restarted nodes.
-        if let Some(current) = ClusterFile::load(&self.dir)? {
-            self.file = current;
-        }
+        self.reload()?;
         let killed = self.stop_node(id, grace)?;
         self.file.nodes.retain(|n| n.id != id);
         self.file.save(&self.dir)?;
@@ -389,10 +389,7 @@ impl LocalCluster {
     /// Stops every node gracefully, including ones started by an earlier launcher. Returns the
     /// ids of the nodes that did not stop within `grace` of SIGTERM and were killed.
     pub fn stop_all(&mut self, grace: Duration) -> anyhow::Result<Vec<u64>> {
-        // Other `strata` processes may have added or restarted nodes.
-        if let Some(current) = ClusterFile::load(&self.dir)? {
-            self.file = current;
-        }
+        self.reload()?;
         let ids: Vec<u64> = self
             .file
             .nodes
@@ -460,9 +457,7 @@ impl LocalCluster {
     /// first: another `strata` process (`dev restart-node`) may have started the node again
     /// meanwhile, and its new pid must not be erased.
     fn record_exit(&mut self, id: u64, pid: u32) -> anyhow::Result<()> {
-        if let Some(current) = ClusterFile::load(&self.dir)? {
-            self.file = current;
-        }
+        self.reload()?;
         let entry = self.entry_mut(id)?;
         if entry.pid == Some(pid) {
             entry.pid = None;
