@@ -74,6 +74,39 @@ fn base_ports(base: u16, nodes: usize) -> anyhow::Result<Vec<(u16, u16)>> {
         .collect())
 }
 
+/// The (client, peer) addresses of the nodes of a new cluster of `spec`.
+fn new_cluster_addresses(spec: &ClusterSpec) -> anyhow::Result<Vec<(String, String)>> {
+    if spec.nodes == 0 {
+        bail!("a cluster needs at least one node");
+    }
+    let ips: Vec<String> = (1..=spec.nodes as u64)
+        .map(|id| {
+            if spec.ip_per_node {
+                node_ip(id)
+            } else {
+                spec.ip.clone()
+            }
+        })
+        .collect();
+    let ports: Vec<(u16, u16)> = match spec.base_port {
+        Some(base) => base_ports(base, spec.nodes)?,
+        // Each address has its own port space; one shared address needs distinct ports.
+        None if spec.ip_per_node => ips
+            .iter()
+            .map(|ip| free_ports(ip, 2).map(|p| (p[0], p[1])))
+            .collect::<anyhow::Result<_>>()?,
+        None => free_ports(&spec.ip, spec.nodes * 2)?
+            .chunks(2)
+            .map(|p| (p[0], p[1]))
+            .collect(),
+    };
+    Ok(ips
+        .iter()
+        .zip(ports)
+        .map(|(ip, (client, peer))| (format!("{ip}:{client}"), format!("{ip}:{peer}")))
+        .collect())
+}
+
 /// The loopback address of node `id` in a cluster with one address per node.
 pub fn node_ip(id: u64) -> String {
     format!("127.0.0.{}", 10 + id)
@@ -94,51 +127,36 @@ pub struct LocalCluster {
 }
 
 impl LocalCluster {
-    /// Opens the cluster in `dir`, creating its layout from `spec` when `dir` has none.
+    /// Opens the cluster in `dir`, creating its layout from `spec` when `dir` has none. A refused
+    /// spec or a missing node binary leaves nothing behind, not even the directory.
     pub fn open_or_create(
         dir: &Path,
         node_bin: &Path,
         spec: &ClusterSpec,
     ) -> anyhow::Result<LocalCluster> {
+        if !node_bin.exists() {
+            bail!("strata-node binary not found at {}", node_bin.display());
+        }
+        let existing = ClusterFile::load(dir)?;
+        // Addresses are chosen (and the spec checked) before anything is written.
+        let addresses = match existing {
+            Some(_) => Vec::new(),
+            None => new_cluster_addresses(spec)?,
+        };
         create_dir_durable(dir).with_context(|| format!("create {}", dir.display()))?;
         let dir = dir.canonicalize()?;
-        let file = match ClusterFile::load(&dir)? {
+        let file = match existing {
             Some(f) => f,
             None => {
-                if spec.nodes == 0 {
-                    bail!("a cluster needs at least one node");
-                }
-                let ips: Vec<String> = (1..=spec.nodes as u64)
-                    .map(|id| {
-                        if spec.ip_per_node {
-                            node_ip(id)
-                        } else {
-                            spec.ip.clone()
-                        }
-                    })
-                    .collect();
-                let ports = match spec.base_port {
-                    Some(base) => base_ports(base, spec.nodes)?,
-                    // Each address has its own port space; one shared address needs distinct ports.
-                    None if spec.ip_per_node => ips
-                        .iter()
-                        .map(|ip| free_ports(ip, 2).map(|p| (p[0], p[1])))
-                        .collect::<anyhow::Result<_>>()?,
-                    None => free_ports(&spec.ip, spec.nodes * 2)?
-                        .chunks(2)
-                        .map(|p| (p[0], p[1]))
-                        .collect(),
-                };
                 let file = ClusterFile {
                     shards: spec.shards,
-                    nodes: ports
-                        .iter()
-                        .zip(&ips)
+                    nodes: addresses
+                        .into_iter()
                         .enumerate()
-                        .map(|(i, ((c, p), ip))| NodeEntry {
+                        .map(|(i, (client_addr, peer_addr))| NodeEntry {
                             id: i as u64 + 1,
-                            client_addr: format!("{ip}:{c}"),
-                            peer_addr: format!("{ip}:{p}"),
+                            client_addr,
+                            peer_addr,
                             data_dir: dir.join(format!("node-{}", i + 1)),
                             pid: None,
                             joined: false,
@@ -150,9 +168,6 @@ impl LocalCluster {
                 file
             }
         };
-        if !node_bin.exists() {
-            bail!("strata-node binary not found at {}", node_bin.display());
-        }
         Ok(LocalCluster {
             dir,
             node_bin: node_bin.to_path_buf(),
@@ -562,7 +577,7 @@ impl Drop for LocalCluster {
 
 #[cfg(test)]
 mod tests {
-    use super::base_ports;
+    use super::{base_ports, ClusterSpec, LocalCluster};
 
     #[test]
     fn base_ports_stay_in_the_unprivileged_range() {
@@ -575,5 +590,29 @@ mod tests {
             let err = base_ports(base, nodes).unwrap_err().to_string();
             assert!(err.contains("must lie within 1025..=65535"), "{err}");
         }
+    }
+
+    #[test]
+    fn a_refused_spec_leaves_no_directory_behind() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("cluster");
+        let any_file = std::env::current_exe().unwrap();
+        let spec = |nodes, base_port| ClusterSpec {
+            nodes,
+            shards: 8,
+            base_port,
+            ip: "127.0.0.1".into(),
+            ip_per_node: false,
+        };
+        for bad in [spec(3, Some(65_500)), spec(0, None)] {
+            assert!(LocalCluster::open_or_create(&dir, &any_file, &bad).is_err());
+            assert!(!dir.exists(), "{bad:?} created {}", dir.display());
+        }
+        let missing_bin = tmp.path().join("no-such-strata-node");
+        assert!(LocalCluster::open_or_create(&dir, &missing_bin, &spec(3, None)).is_err());
+        assert!(!dir.exists());
+        // A good spec creates the directory and its cluster.json.
+        LocalCluster::open_or_create(&dir, &any_file, &spec(3, Some(7100))).unwrap();
+        assert!(dir.join("cluster.json").exists());
     }
 }
