@@ -1,4 +1,4 @@
-//! Admin requests. Membership (`strata node add/remove`) is served by the meta group's leader;
+//! Admin requests. Membership (`strata node add/remove/update`) is served by the meta group's leader;
 //! the client finds it by asking the meta replicas and following `NotLeader` hints, within the
 //! client's deadline. Leadership transfer goes to the shard's leader; a snapshot request to the
 //! replica named.
@@ -7,7 +7,9 @@ use std::future::Future;
 use std::time::Duration;
 
 use strata_proto::v1::cluster_client::ClusterClient;
-use strata_proto::v1::{AddNodeRequest, RemoveNodeRequest, SnapshotRequest, TransferLeaderRequest};
+use strata_proto::v1::{
+    AddNodeRequest, RemoveNodeRequest, SnapshotRequest, TransferLeaderRequest, UpdateNodeRequest,
+};
 use tokio::time::Instant;
 use tonic::transport::Channel;
 
@@ -81,6 +83,31 @@ impl Client {
             .meta_call(|mut c| async move { c.remove_node(RemoveNodeRequest { id, force }).await })
             .await?;
         Ok(r.epoch)
+    }
+
+    /// Records new addresses for member `id` (`None`: keep the recorded one); the node must then
+    /// be restarted at them, and until it is, it cannot be reached. Returns the epoch that
+    /// records them and whether anything changed: asking for the recorded addresses writes
+    /// nothing, so a retry is harmless.
+    pub async fn update_node(
+        &self,
+        id: u64,
+        client_addr: Option<&str>,
+        peer_addr: Option<&str>,
+    ) -> Result<(u64, bool), Error> {
+        let req = UpdateNodeRequest {
+            id,
+            client_addr: client_addr.unwrap_or_default().into(),
+            peer_addr: peer_addr.unwrap_or_default().into(),
+        };
+        let r = self
+            .meta_call(|mut c| {
+                let req = req.clone();
+                async move { c.update_node(req).await }
+            })
+            .await?;
+        let _ = self.refresh_map().await;
+        Ok((r.epoch, r.changed))
     }
 
     /// Moves the leadership of `shard` to node `to` (another replica of it).

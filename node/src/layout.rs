@@ -249,6 +249,35 @@ impl Layout {
         self.nodes.iter().find(|n| n.id == id)
     }
 
+    /// Checks that node `id` runs at the addresses the layout records for it, the ones its
+    /// peers and clients dial; if not, says which differ ("its peer address is recorded as …,
+    /// not …"). A node the layout does not list passes (it was removed).
+    pub fn check_recorded_addresses(
+        &self,
+        id: u64,
+        client_addr: &str,
+        peer_addr: &str,
+    ) -> Result<(), String> {
+        let Some(recorded) = self.node(id) else {
+            return Ok(());
+        };
+        let differences: Vec<String> = [
+            ("client", &recorded.client_addr, client_addr),
+            ("peer", &recorded.peer_addr, peer_addr),
+        ]
+        .into_iter()
+        .filter(|(_, recorded, given)| recorded.as_str() != *given)
+        .map(|(kind, recorded, given)| {
+            format!("its {kind} address is recorded as {recorded}, not {given}")
+        })
+        .collect();
+        if differences.is_empty() {
+            Ok(())
+        } else {
+            Err(differences.join("; "))
+        }
+    }
+
     /// Replicas of group `group` (the meta group or a shard).
     pub fn replicas(&self, group: GroupId) -> Option<&[u64]> {
         if group == META_GROUP {
@@ -307,6 +336,29 @@ mod tests {
                 incarnation: 0,
             })
             .collect()
+    }
+
+    #[test]
+    fn a_node_must_start_at_its_recorded_addresses() {
+        let l = Layout::initial(nodes(3), 8, 3);
+        assert_eq!(
+            l.check_recorded_addresses(2, "127.0.0.1:7102", "127.0.0.1:7202"),
+            Ok(())
+        );
+        // Not listed any more: removed, nothing to check.
+        assert_eq!(l.check_recorded_addresses(9, "a:1", "b:2"), Ok(()));
+        let err = l
+            .check_recorded_addresses(2, "127.0.0.1:7102", "127.0.0.1:9202")
+            .unwrap_err();
+        assert!(
+            err.contains("its peer address is recorded as 127.0.0.1:7202, not 127.0.0.1:9202"),
+            "{err}"
+        );
+        assert!(!err.contains("client address"), "{err}");
+        let err = l
+            .check_recorded_addresses(2, "h:7102", "127.0.0.1:9202")
+            .unwrap_err();
+        assert!(err.contains("client address is recorded as 127.0.0.1:7102, not h:7102"));
     }
 
     #[test]

@@ -80,8 +80,9 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> anyh
         client_addr: config.advertise_client_addr.clone(),
         peer_addr: config.advertise_peer_addr.clone(),
     }));
-    if let Some(layout) = &layout {
-        reconcile::adopt(&node, layout.clone()).await?;
+    if let Some(stored) = layout {
+        let layout = follow::confirm_recorded_addresses(&node, id, stored).await?;
+        reconcile::adopt(&node, layout).await?;
     }
 
     let client_listener = TcpListener::bind(config.client_addr)

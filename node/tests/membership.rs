@@ -1,6 +1,6 @@
 //! Membership changes on real `strata-node` processes: adding a node and removing one while
-//! clients write, removing a dead node, replacing one at its own addresses, and operator
-//! mistakes that must change nothing.
+//! clients write, removing a dead node, replacing one at its own addresses, moving one to new
+//! addresses, and operator mistakes that must change nothing.
 
 mod common;
 
@@ -286,6 +286,70 @@ async fn a_dead_node_of_three_is_replaced_by_a_new_node_at_its_addresses() {
     assert_raft_membership_matches(&tc, &client, &map).await;
     let after = common::put_all(&client, "replace-after", 32).await;
     assert_all_readable(&client, &after).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_moved_to_new_addresses_rejoins_there_once_they_are_recorded() {
+    let mut tc = TestCluster::start(3, 4).await;
+    let client = tc.client().await;
+    let before = common::put_all(&client, "move", 40).await;
+    let old = tc.cluster.file().nodes[2].clone();
+
+    phase("node 3 stops and comes back at new addresses the cluster does not know");
+    tc.cluster
+        .stop_node(3, Duration::from_secs(10))
+        .expect("stop node 3");
+    let (client_addr, peer_addr) = tc.cluster.move_node(3).expect("new addresses");
+    tc.cluster.start_node(3).expect("start node 3");
+    let until = tokio::time::Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = tc.cluster.exit_status(3) {
+            break status;
+        }
+        assert!(
+            tokio::time::Instant::now() < until,
+            "node 3 runs at addresses nobody dials"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(!status.success());
+    let log = std::fs::read_to_string(old.log_path()).expect("node 3's log");
+    let expected = format!(
+        "its peer address is recorded as {}, not {peer_addr}",
+        old.peer_addr
+    );
+    assert!(log.contains(&expected), "node 3's log lacks {expected:?}");
+
+    phase("a member's address is refused; the new ones are recorded");
+    let n1 = tc.cluster.file().nodes[0].clone();
+    let err = client
+        .update_node(3, Some(&client_addr), Some(&n1.peer_addr))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("node 1 already uses"), "{err}");
+    let (epoch, changed) = client
+        .update_node(3, Some(&client_addr), Some(&peer_addr))
+        .await
+        .expect("update node 3");
+    assert!(changed);
+    let map = tc.newest_map(&client).await;
+    assert_eq!(map.epoch, epoch);
+    let recorded = map.nodes.iter().find(|n| n.id == 3).expect("node 3");
+    assert_eq!(
+        (&recorded.client_addr, &recorded.peer_addr),
+        (&client_addr, &peer_addr)
+    );
+
+    phase("started again there, node 3 learns the new layout from its peers and catches up");
+    tc.cluster.start_node(3).expect("start node 3");
+    let more = common::put_all(&client, "moved", 40).await;
+    tc.wait_caught_up(&client, 3, Duration::from_secs(30)).await;
+    let st = client.node_status(&client_addr).await.expect("status");
+    assert_eq!((st.node_id, st.membership.as_str()), (3, "member"));
+    // Replicated to it at its new peer address, and served at its new client address.
+    assert!(tc.assert_replica_has(&client, 3, &more).await > 0);
+    assert!(tc.assert_replica_has(&client, 3, &before).await > 0);
+    assert_all_readable(&client, &before).await;
 }
 
 /// A child process killed when the test ends, also on panic.

@@ -1,11 +1,12 @@
 //! `strata node add` / `strata node remove`: membership changes. Both only record the request
 //! in the meta group; the placement driver then moves replicas. `--wait` follows the moves with
 //! a progress bar until the cluster is balanced (add) or the node is gone (remove).
+//! `strata node update` records new addresses for a member, which is then restarted at them.
 
 use std::time::Duration;
 
 use anyhow::bail;
-use clap::{Args, Subcommand};
+use clap::{ArgGroup, Args, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 use strata_client::Client;
@@ -23,6 +24,9 @@ pub enum NodeCmd {
     Add(AddArgs),
     /// Drain a node (move its replicas and leaderships away), then remove it from the cluster.
     Remove(RemoveArgs),
+    /// Record new addresses for a node; then restart it at them (it refuses to start at
+    /// addresses the cluster does not record).
+    Update(UpdateArgs),
 }
 
 /// `strata node add`.
@@ -67,6 +71,26 @@ pub struct RemoveArgs {
     pub wait_timeout: Duration,
 }
 
+/// `strata node update`.
+#[derive(Args, Debug)]
+#[command(group(
+    ArgGroup::new("addresses")
+        .required(true)
+        .multiple(true)
+        .args(["client_addr", "peer_addr"])
+))]
+pub struct UpdateArgs {
+    /// Id of the node.
+    #[arg(long)]
+    pub id: u64,
+    /// Its new client address (HOST:PORT, an IP or a DNS name).
+    #[arg(long)]
+    pub client_addr: Option<String>,
+    /// Its new peer address (HOST:PORT).
+    #[arg(long)]
+    pub peer_addr: Option<String>,
+}
+
 #[derive(Serialize)]
 struct Outcome {
     node: u64,
@@ -81,6 +105,7 @@ pub async fn run(cli: &Cli, cmd: &NodeCmd) -> anyhow::Result<()> {
     match cmd {
         NodeCmd::Add(a) => add(cli, &client, a).await,
         NodeCmd::Remove(a) => remove(cli, &client, a).await,
+        NodeCmd::Update(a) => update(cli, &client, a).await,
     }
 }
 
@@ -178,6 +203,43 @@ async fn remove(cli: &Cli, client: &Client, a: &RemoveArgs) -> anyhow::Result<()
                     "node {id} is draining (epoch {epoch}): its replicas move away, then it \
                      leaves the cluster (watch `strata status`)"
                 )
+            }
+        },
+    )
+}
+
+async fn update(cli: &Cli, client: &Client, a: &UpdateArgs) -> anyhow::Result<()> {
+    if a.id == 0 {
+        bail!("--id must be > 0");
+    }
+    for (flag, addr) in [
+        ("--client-addr", &a.client_addr),
+        ("--peer-addr", &a.peer_addr),
+    ] {
+        if let Some(addr) = addr {
+            check_reachable_addr(addr).map_err(|e| anyhow::anyhow!("{flag}: {e}"))?;
+        }
+    }
+    let (epoch, changed) = client
+        .update_node(a.id, a.client_addr.as_deref(), a.peer_addr.as_deref())
+        .await?;
+    let id = a.id;
+    report(
+        cli,
+        Outcome {
+            node: id,
+            epoch,
+            action: if changed { "updated" } else { "unchanged" },
+            done: true,
+        },
+        || {
+            if changed {
+                format!(
+                    "node {id}'s new addresses are recorded (epoch {epoch}); restart it at them: \
+                     until then its peers and clients cannot reach it"
+                )
+            } else {
+                format!("node {id} already has these addresses (epoch {epoch}); nothing changed")
             }
         },
     )

@@ -327,6 +327,22 @@ impl LocalCluster {
         Ok(new)
     }
 
+    /// Gives node `id`, whose process must be gone, new free client and peer addresses in the
+    /// cluster file, and returns them: it is started there from now on. The cluster must be told
+    /// with `strata node update` first, or the node refuses to start at them.
+    pub fn move_node(&mut self, id: u64) -> anyhow::Result<(String, String)> {
+        self.reload()?;
+        if let Some(pid) = self.entry_mut(id)?.pid.filter(|p| process_alive(*p)) {
+            bail!("node {id} is still running (pid {pid}); stop it before moving it");
+        }
+        let (client_addr, peer_addr) = self.free_addrs(id)?;
+        let entry = self.entry_mut(id)?;
+        entry.client_addr.clone_from(&client_addr);
+        entry.peer_addr.clone_from(&peer_addr);
+        self.file.save(&self.dir)?;
+        Ok((client_addr, peer_addr))
+    }
+
     /// Client and peer addresses for new node `id`: free ports on its IP.
     fn free_addrs(&self, id: u64) -> anyhow::Result<(String, String)> {
         let ip = if self.file.ip_per_node {

@@ -10,6 +10,7 @@ use std::time::Duration;
 use strata_proto::address::check_reachable_addr;
 use strata_proto::v1::{
     AddNodeRequest, AddNodeResponse, LayoutExchange, RemoveNodeRequest, RemoveNodeResponse,
+    UpdateNodeRequest, UpdateNodeResponse,
 };
 
 use super::driver::{commit, survey};
@@ -177,6 +178,94 @@ pub async fn remove_node(
     Err(concurrent_change())
 }
 
+/// Records new addresses for a member (`strata node update`). Nothing is probed: the node is
+/// restarted at its new addresses after this, and refuses to start at others
+/// ([`Layout::check_recorded_addresses`]). Asking for the recorded addresses is answered with the
+/// current epoch and writes nothing, so a retried request is harmless.
+pub async fn update_node(
+    node: &Arc<NodeState>,
+    req: UpdateNodeRequest,
+) -> Result<UpdateNodeResponse, KvError> {
+    for addr in [&req.client_addr, &req.peer_addr] {
+        if !addr.is_empty() {
+            check_reachable_addr(addr).map_err(KvError::InvalidArgument)?;
+        }
+    }
+    for _ in 0..ATTEMPTS {
+        let stamped = meta::read(node).await?;
+        let Some(updated) = check_update(&stamped.layout, &req)? else {
+            return Ok(UpdateNodeResponse {
+                epoch: stamped.layout.epoch,
+                changed: false,
+            });
+        };
+        let mut new = stamped.layout.clone();
+        let spec = new
+            .nodes
+            .iter_mut()
+            .find(|n| n.id == req.id)
+            .expect("checked");
+        *spec = updated.clone();
+        match commit(node, &stamped, new).await {
+            Ok(new) => {
+                node.placement_events.push(format!(
+                    "node {} now recorded at {} (peer {})",
+                    req.id, updated.client_addr, updated.peer_addr
+                ));
+                return Ok(UpdateNodeResponse {
+                    epoch: new.epoch,
+                    changed: true,
+                });
+            }
+            Err(KvError::Unavailable { .. }) => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Err(concurrent_change())
+}
+
+/// Validates an address update against the layout; returns the node's new record, or `None`
+/// when the layout already records those addresses.
+pub fn check_update(layout: &Layout, req: &UpdateNodeRequest) -> Result<Option<NodeSpec>, KvError> {
+    if req.client_addr.is_empty() && req.peer_addr.is_empty() {
+        return Err(KvError::InvalidArgument(
+            "give a new client address, a new peer address, or both".into(),
+        ));
+    }
+    let current = layout.node(req.id).ok_or_else(|| {
+        KvError::NotFound(format!("node {} is not a member of the cluster", req.id))
+    })?;
+    let mut updated = current.clone();
+    if !req.client_addr.is_empty() {
+        updated.client_addr = req.client_addr.clone();
+    }
+    if !req.peer_addr.is_empty() {
+        updated.peer_addr = req.peer_addr.clone();
+    }
+    if updated.client_addr == updated.peer_addr {
+        return Err(KvError::InvalidArgument(format!(
+            "the client and peer addresses must differ (both {})",
+            updated.client_addr
+        )));
+    }
+    if updated == *current {
+        return Ok(None);
+    }
+    for other in layout.nodes.iter().filter(|n| n.id != req.id) {
+        let theirs = [&other.client_addr, &other.peer_addr];
+        if let Some(taken) = [&updated.client_addr, &updated.peer_addr]
+            .into_iter()
+            .find(|a| theirs.contains(a))
+        {
+            return Err(KvError::AlreadyExists(format!(
+                "node {} already uses {taken}",
+                other.id
+            )));
+        }
+    }
+    Ok(Some(updated))
+}
+
 /// Marks node `id` of `layout` as draining; false when it already was. The caller has checked
 /// that the node exists.
 fn mark_draining(layout: &mut Layout, id: u64) -> bool {
@@ -302,6 +391,44 @@ mod tests {
             ..Default::default()
         };
         (req, probe)
+    }
+
+    #[test]
+    fn updating_addresses_checks_them_against_the_other_members() {
+        let l = layout(3);
+        let update = |id, client: &str, peer: &str| UpdateNodeRequest {
+            id,
+            client_addr: client.into(),
+            peer_addr: peer.into(),
+        };
+        let moved = check_update(&l, &update(2, "strata-2.db:7100", ""))
+            .unwrap()
+            .expect("a change");
+        assert_eq!(
+            (
+                moved.id,
+                moved.client_addr.as_str(),
+                moved.peer_addr.as_str()
+            ),
+            (2, "strata-2.db:7100", "127.0.0.1:7202")
+        );
+        // The recorded addresses again: nothing to write (a retried update).
+        assert_eq!(
+            check_update(&l, &update(2, "127.0.0.1:7102", "127.0.0.1:7202")).unwrap(),
+            None
+        );
+        let refused = |req: UpdateNodeRequest| check_update(&l, &req).unwrap_err().to_string();
+        assert!(refused(update(2, "", "")).contains("give a new client address"));
+        assert!(refused(update(9, "h:1", "")).contains("node 9 is not a member"));
+        // Another member's address, client or peer, either way round.
+        assert!(
+            refused(update(2, "127.0.0.1:7103", "")).contains("node 3 already uses 127.0.0.1:7103")
+        );
+        assert!(
+            refused(update(2, "", "127.0.0.1:7101")).contains("node 1 already uses 127.0.0.1:7101")
+        );
+        assert!(refused(update(2, "h:1", "h:1")).contains("must differ"));
+        assert!(refused(update(2, "", "127.0.0.1:7102")).contains("must differ"));
     }
 
     #[test]

@@ -49,7 +49,21 @@ pub async fn adopt(node: &Arc<NodeState>, layout: Layout) -> anyhow::Result<bool
         node.engine.save_layout(&layout).await?;
     }
     node.set_id(id);
-    node.pool.set_nodes(&layout.nodes);
+    node.pool.adopt_nodes(&layout.nodes);
+    let was_recorded_here = previous
+        .check_recorded_addresses(id, &node.client_addr, &node.peer_addr)
+        .is_ok();
+    if let (true, Err(why)) = (
+        was_recorded_here,
+        layout.check_recorded_addresses(id, &node.client_addr, &node.peer_addr),
+    ) {
+        // `strata node update` while this node runs: it is the operator's turn to restart it.
+        tracing::warn!(
+            epoch = layout.epoch,
+            "the cluster now records this node at other addresses ({why}); peers and clients \
+             look for it there: restart it at those addresses"
+        );
+    }
     let hosted = layout.groups_on(id);
     let layout = Arc::new(layout);
     node.set_layout(layout.clone());

@@ -111,12 +111,39 @@ impl PeerPool {
         }
     }
 
-    /// Learns the addresses of `nodes` (new nodes join the pool; ids are never reused, so a
-    /// known id keeps its address).
-    pub fn set_nodes(&self, nodes: &[NodeSpec]) {
+    /// Learns the addresses of `nodes` not known yet (ids are never reused). For addresses
+    /// from a source that may be stale, such as a placement driver's request.
+    pub fn learn_nodes(&self, nodes: &[NodeSpec]) {
         let mut addrs = self.inner.addrs.write().expect("addrs poisoned");
         for n in nodes {
             addrs.entry(n.id).or_insert_with(|| n.peer_addr.clone());
+        }
+    }
+
+    /// Takes the peer addresses of `nodes` from a layout newer than any before: new nodes join
+    /// the pool, and a node whose address changed (`strata node update`) is dialled there from
+    /// now on — its connection and stream to the old address are dropped.
+    pub fn adopt_nodes(&self, nodes: &[NodeSpec]) {
+        let mut moved = Vec::new();
+        {
+            let mut addrs = self.inner.addrs.write().expect("addrs poisoned");
+            for n in nodes {
+                if let Some(old) = addrs.insert(n.id, n.peer_addr.clone()) {
+                    if old != n.peer_addr {
+                        moved.push((n.id, old));
+                    }
+                }
+            }
+        }
+        // Apart from the address lock: `client` takes the client lock, then the address lock.
+        for (id, old) in moved {
+            self.inner
+                .clients
+                .lock()
+                .expect("clients poisoned")
+                .remove(&id);
+            self.inner.links.lock().expect("links poisoned").remove(&id);
+            tracing::info!(node = id, from = %old, "peer address changed");
         }
     }
 

@@ -7,7 +7,7 @@ use strata_proto::v1::cluster_server::Cluster;
 use strata_proto::v1::{
     AddNodeRequest, AddNodeResponse, RemoveNodeRequest, RemoveNodeResponse, ShardInfo, ShardMap,
     ShardMapRequest, SnapshotRequest, SnapshotResponse, StatusRequest, StatusResponse,
-    TransferLeaderRequest, TransferLeaderResponse,
+    TransferLeaderRequest, TransferLeaderResponse, UpdateNodeRequest, UpdateNodeResponse,
 };
 use tonic::{Request, Response, Status};
 
@@ -124,6 +124,15 @@ impl Cluster for ClusterService {
     ) -> Result<Response<RemoveNodeResponse>, Status> {
         Ok(Response::new(
             admin::remove_node(&self.node, req.into_inner()).await?,
+        ))
+    }
+
+    async fn update_node(
+        &self,
+        req: Request<UpdateNodeRequest>,
+    ) -> Result<Response<UpdateNodeResponse>, Status> {
+        Ok(Response::new(
+            admin::update_node(&self.node, req.into_inner()).await?,
         ))
     }
 

@@ -281,7 +281,7 @@ impl Raft for TransportService {
                 incarnation: 0,
             })
             .collect();
-        self.node.pool.set_nodes(&voters);
+        self.node.pool.learn_nodes(&voters);
         group
             .set_voters(&voters, CATCH_UP)
             .await
