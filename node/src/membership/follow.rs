@@ -113,8 +113,7 @@ const CONFIRM_ADDRESSES_FOR: Duration = Duration::from_secs(10);
 /// the addresses it was started with (`node.client_addr`, `node.peer_addr`). Started at others,
 /// it would run where nobody looks for it. The stored layout may predate a `strata node update`
 /// made while the node was down, so on a difference the peers are asked for a newer layout, for
-/// up to 10 s. Returns the layout to adopt; fails when the difference
-/// stands, naming it.
+/// up to 10 s. Returns the layout to adopt; fails when the difference stands, naming it.
 pub async fn confirm_recorded_addresses(
     node: &NodeState,
     id: u64,
