@@ -186,8 +186,12 @@ impl Client {
                 match classify(&status, false) {
                     Verdict::Fail(e) => return Err(e),
                     Verdict::NotLeader(Some(leader)) if tried < 8 => {
-                        if let Some(a) = table.nodes.get(&leader) {
-                            queue.push(a.clone());
+                        // The map and the answering node may know different addresses for
+                        // the leader (it moved, and one has not heard yet): both are tried.
+                        let known = table.nodes.get(&leader.id);
+                        queue.extend(known.cloned());
+                        if !leader.addr.is_empty() && known != Some(&leader.addr) {
+                            queue.push(leader.addr);
                         }
                     }
                     _ => {}

@@ -40,8 +40,8 @@ impl Error {
 /// How the retry loop should treat a failed attempt.
 #[derive(Debug)]
 pub(crate) enum Verdict {
-    /// Retry at this leader (node id) — nothing was proposed.
-    NotLeader(Option<u64>),
+    /// Retry at this leader — nothing was proposed.
+    NotLeader(Option<LeaderHint>),
     /// Refresh the shard map and retry — nothing was proposed.
     WrongShard,
     /// Retry later, maybe elsewhere; `may_have_applied` when the write may have been proposed,
@@ -55,6 +55,16 @@ pub(crate) enum Verdict {
     Fail(Error),
 }
 
+/// The leader a `NotLeader` answer names.
+#[derive(Debug)]
+pub(crate) struct LeaderHint {
+    /// Node id.
+    pub id: u64,
+    /// Its client address as the answering node knows it (empty if unknown): when it differs
+    /// from the client's map, one of the two is stale — the node moved (`node update`).
+    pub addr: String,
+}
+
 /// Classifies a failed attempt from its status and the details the node attached.
 pub(crate) fn classify(status: &tonic::Status, is_write: bool) -> Verdict {
     let details = ErrorDetails::decode(status.details())
@@ -63,7 +73,10 @@ pub(crate) fn classify(status: &tonic::Status, is_write: bool) -> Verdict {
     let reason = format!("{}: {}", status.code(), status.message());
     match details {
         Some(d) => match d.code.as_str() {
-            "NotLeader" => Verdict::NotLeader(Some(d.leader_id).filter(|id| *id != 0)),
+            "NotLeader" => Verdict::NotLeader((d.leader_id != 0).then_some(LeaderHint {
+                id: d.leader_id,
+                addr: d.leader_addr,
+            })),
             "WrongShard" => Verdict::WrongShard,
             "Unavailable" => Verdict::Retry {
                 may_have_applied: false,

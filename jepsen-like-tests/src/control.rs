@@ -188,6 +188,21 @@ impl Cluster {
         Ok(())
     }
 
+    /// Records where node `id`, which must be down, is started from now on (the addresses the
+    /// cluster records for it after `node update`).
+    pub fn set_addresses(
+        &mut self,
+        id: u64,
+        client_addr: &str,
+        peer_addr: &str,
+    ) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            self.down.contains(&id),
+            "node {id} must be down to be moved"
+        );
+        self.nodes.set_node_addresses(id, client_addr, peer_addr)
+    }
+
     /// Gives node `id` up for good: it is not restarted at heal and no fault picks it.
     pub fn retire(&mut self, id: u64) {
         self.down.remove(&id);

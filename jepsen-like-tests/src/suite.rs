@@ -97,6 +97,7 @@ pub fn ci_matrix() -> Vec<Scenario> {
             15,
         ),
         s("register-wipe", Workload::Register, Nemesis::Wipe, 10),
+        s("register-move", Workload::Register, Nemesis::Move, 12),
         s(
             "register-duplicate",
             Workload::Register,

@@ -299,7 +299,10 @@ async fn a_node_moved_to_new_addresses_rejoins_there_once_they_are_recorded() {
     tc.cluster
         .stop_node(3, Duration::from_secs(10))
         .expect("stop node 3");
-    let (client_addr, peer_addr) = tc.cluster.move_node(3).expect("new addresses");
+    let (client_addr, peer_addr) = tc.cluster.free_addrs(3).expect("free ports");
+    tc.cluster
+        .set_node_addresses(3, &client_addr, &peer_addr)
+        .expect("new addresses");
     tc.cluster.start_node(3).expect("start node 3");
     let until = tokio::time::Instant::now() + Duration::from_secs(30);
     let status = loop {

@@ -116,7 +116,19 @@ impl Client {
                     });
                 }
                 Verdict::NotLeader(hint) => {
+                    let moved = hint.as_ref().is_some_and(|h| {
+                        !h.addr.is_empty() && table.nodes.get(&h.id) != Some(&h.addr)
+                    });
+                    if moved {
+                        // The leader is elsewhere than this map says (`node update`): reload
+                        // it, and forget that the leader failed at its old address.
+                        let _ = self.refresh_map().await;
+                    }
                     let mut leaders = self.inner.leaders.lock().expect("leaders poisoned");
+                    let hint = hint.map(|h| h.id);
+                    if moved {
+                        leaders.answered(hint.expect("a hint"));
+                    }
                     wait = !leaders.follow_hint(shard.id, node, hint);
                     last = status.message().to_string();
                 }

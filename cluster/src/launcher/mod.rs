@@ -327,24 +327,27 @@ impl LocalCluster {
         Ok(new)
     }
 
-    /// Gives node `id`, whose process must be gone, new free client and peer addresses in the
-    /// cluster file, and returns them: it is started there from now on. The cluster must be told
-    /// with `strata node update` first, or the node refuses to start at them.
-    pub fn move_node(&mut self, id: u64) -> anyhow::Result<(String, String)> {
+    /// Records new client and peer addresses for node `id`, whose process must be gone, in the
+    /// cluster file: it is started there from now on. The cluster must be told with `strata node
+    /// update` first, or the node refuses to start at them.
+    pub fn set_node_addresses(
+        &mut self,
+        id: u64,
+        client_addr: &str,
+        peer_addr: &str,
+    ) -> anyhow::Result<()> {
         self.reload()?;
         if let Some(pid) = self.entry_mut(id)?.pid.filter(|p| process_alive(*p)) {
             bail!("node {id} is still running (pid {pid}); stop it before moving it");
         }
-        let (client_addr, peer_addr) = self.free_addrs(id)?;
         let entry = self.entry_mut(id)?;
-        entry.client_addr.clone_from(&client_addr);
-        entry.peer_addr.clone_from(&peer_addr);
-        self.file.save(&self.dir)?;
-        Ok((client_addr, peer_addr))
+        entry.client_addr = client_addr.to_string();
+        entry.peer_addr = peer_addr.to_string();
+        self.file.save(&self.dir)
     }
 
-    /// Client and peer addresses for new node `id`: free ports on its IP.
-    fn free_addrs(&self, id: u64) -> anyhow::Result<(String, String)> {
+    /// Client and peer addresses for node `id` (a new one, or one to move): free ports on its IP.
+    pub fn free_addrs(&self, id: u64) -> anyhow::Result<(String, String)> {
         let ip = if self.file.ip_per_node {
             node_ip(id)
         } else {

@@ -38,6 +38,10 @@
 //! - `wipe`: kill a node (half the time a shard leader), delete its Raft state and start it again
 //!   under its old id, as after a replaced disk: it must stop on its own within 10 s, saying why;
 //!   then a fresh node is added and the wiped one force-removed;
+//! - `move`: move a node (half the time a shard leader) to new ports: its new addresses are
+//!   recorded with `node update`, half the time while it still runs at the old ones; it is killed
+//!   and restarted at the new ones at heal, where it must rejoin (not in `mixed`: it needs the
+//!   node update to succeed, which other faults may stop);
 //! - `mixed`: any of kill, pause, membership, bounce, restart, transfer, snapshot, crash (and
 //!   power loss, full and slow disks with `--lossy-fs`, partition where it can run, latency with
 //!   `--slow-net`, clock where libfaketime is installed), chosen per cycle.
@@ -53,7 +57,7 @@
 //! Modules, one per kind of fault, each driven through `Run`: `process` (kill, pause, bounce,
 //! restart, crash, power loss), `disk` (full and slow disks), `raft` (leadership transfer, forced
 //! snapshot), `network` (partitions, slow links), `skew` (clocks), `membership`, `wipe`,
-//! `duplicate`;
+//! `relocate` (move), `duplicate`;
 //! `targets` picks nodes and shards; `probe` writes probe keys to check that writes are served.
 
 mod disk;
@@ -63,6 +67,7 @@ mod network;
 mod probe;
 mod process;
 mod raft;
+mod relocate;
 mod skew;
 mod targets;
 mod wipe;
@@ -127,6 +132,9 @@ pub enum Nemesis {
     /// A node's disk is replaced: killed, its Raft state deleted, started again under its old
     /// id. It must stop on its own; then it is replaced by a fresh node.
     Wipe,
+    /// A node moved to new ports: recorded with `node update` (half the time while it still runs
+    /// at the old ones), killed, restarted at the new ones.
+    Move,
     /// One of kill, pause, membership, bounce, restart, transfer, snapshot, crash (and power loss,
     /// full and slow disks on the lossy file system, partition where it can run, latency with the
     /// delaying proxy, clock where libfaketime is installed) per cycle.
@@ -356,6 +364,7 @@ impl Run<'_> {
             Nemesis::SlowDisk => disk::slow_disk(self, shard).await,
             Nemesis::Membership => membership::replace_node(self).await,
             Nemesis::Wipe => wipe::wipe(self, shard).await,
+            Nemesis::Move => relocate::relocate(self, shard).await,
             Nemesis::Duplicate => {
                 duplicate::duplicate(self.client, self.recorder, n).await?;
                 Ok(Cycle::Injected)
