@@ -294,6 +294,14 @@ async fn a_node_moved_to_new_addresses_rejoins_there_once_they_are_recorded() {
     let client = tc.client().await;
     let before = common::put_all(&client, "move", 40).await;
     let old = tc.cluster.file().nodes[2].clone();
+    // A client that will not hear of the move until a node tells it. Its deadline is short: it
+    // must follow the leader's new address at once, not find it by trying everything for seconds.
+    let unaware = strata_client::ClientBuilder::new(tc.cluster.endpoints())
+        .deadline(Duration::from_secs(3))
+        .connect()
+        .await
+        .expect("client connects");
+    unaware.refresh_map().await.expect("map");
 
     phase("node 3 stops and comes back at new addresses the cluster does not know");
     tc.cluster
@@ -353,6 +361,23 @@ async fn a_node_moved_to_new_addresses_rejoins_there_once_they_are_recorded() {
     assert!(tc.assert_replica_has(&client, 3, &more).await > 0);
     assert!(tc.assert_replica_has(&client, 3, &before).await > 0);
     assert_all_readable(&client, &before).await;
+
+    phase("a client with the old map follows node 3 to its new address");
+    if tc.leader_of(&client, 1).await != Some(3) {
+        client
+            .transfer_leader(1, 3)
+            .await
+            .expect("node 3 leads shard 1");
+    }
+    let table = unaware.route_table().expect("route table");
+    let key = (0..)
+        .map(|i| format!("moved-leader:{i}"))
+        .find(|k| table.shard_for_key(k.as_bytes()).id == 1)
+        .expect("a key of shard 1");
+    unaware
+        .put(key.clone(), "v")
+        .await
+        .expect("a put to the moved leader");
 }
 
 /// A child process killed when the test ends, also on panic.

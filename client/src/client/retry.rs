@@ -9,7 +9,7 @@ use tokio::time::Instant;
 use tonic::transport::Channel;
 
 use super::Client;
-use crate::error::{classify, Error, Verdict};
+use crate::error::{classify, Error, LeaderHint, Verdict};
 use crate::route::RouteTable;
 
 /// Longest pause between two attempts of one operation.
@@ -116,18 +116,15 @@ impl Client {
                     });
                 }
                 Verdict::NotLeader(hint) => {
-                    let moved = hint.as_ref().is_some_and(|h| {
-                        !h.addr.is_empty() && table.nodes.get(&h.id) != Some(&h.addr)
-                    });
-                    if moved {
-                        // The leader is elsewhere than this map says (`node update`): reload
-                        // it, and forget that the leader failed at its old address.
-                        let _ = self.refresh_map().await;
-                    }
-                    let mut leaders = self.inner.leaders.lock().expect("leaders poisoned");
+                    let moved = match &hint {
+                        Some(h) => self.leader_moved(&table, h).await,
+                        None => false,
+                    };
                     let hint = hint.map(|h| h.id);
-                    if moved {
-                        leaders.answered(hint.expect("a hint"));
+                    let mut leaders = self.inner.leaders.lock().expect("leaders poisoned");
+                    if let (true, Some(leader)) = (moved, hint) {
+                        // It failed at its old address; that says nothing about the new one.
+                        leaders.answered(leader);
                     }
                     wait = !leaders.follow_hint(shard.id, node, hint);
                     last = status.message().to_string();
@@ -179,6 +176,18 @@ impl Client {
                 backoff = (backoff * 2).min(MAX_BACKOFF);
             }
         }
+    }
+
+    /// Whether the leader named by `hint` moved since `table` was loaded (`node update`): the
+    /// hint gives it another address than `table`, and the reloaded map (now cached) does too.
+    async fn leader_moved(&self, table: &RouteTable, hint: &LeaderHint) -> bool {
+        let was = table.nodes.get(&hint.id);
+        if hint.addr.is_empty() || was == Some(&hint.addr) {
+            return false;
+        }
+        self.refresh_map()
+            .await
+            .is_ok_and(|now| now.nodes.get(&hint.id) != was)
     }
 
     /// One attempt: `call` against `node`, bounded by the attempt timeout.
