@@ -1,7 +1,7 @@
 //! The operator's membership requests, served by the meta leader. Each is validated against the
 //! layout (and, for removal, a fresh survey of which nodes answer) before anything is written;
 //! a refused request changes nothing. Accepted requests only edit the layout — the placement
-//! driver then moves the replicas.
+//! driver then moves the replicas (none move for an address update).
 
 use std::collections::BTreeSet;
 use std::sync::Arc;

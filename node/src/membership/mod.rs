@@ -8,9 +8,10 @@
 //! - [`driver`]: the placement driver loop on the meta leader: surveys the nodes (pushing the
 //!   layout to them), asks [`placement`] what to do, and does it, one step at a time.
 //! - [`follow`]: every member asks its peers in turn for a newer layout, so a node removed while
-//!   it was down learns that it was removed.
-//! - [`admin`]: the operator's `node add` / `node remove` requests, validated against the layout
-//!   and the survey before anything is written.
+//!   it was down learns that it was removed; and at start, a node checks that it runs at the
+//!   addresses the cluster records for it (`node update` may have moved it while it was down).
+//! - [`admin`]: the operator's `node add` / `node remove` / `node update` requests, validated
+//!   against the layout and the survey before anything is written.
 //!
 //! A replica move is three steps, each safe to repeat after a crash or a meta-leader change:
 //! (1) the layout records the move, so the target starts an empty group; (2) the shard's leader
