@@ -249,6 +249,11 @@ impl Layout {
         self.nodes.iter().find(|n| n.id == id)
     }
 
+    /// The node with id `id`, if any, to edit.
+    pub fn node_mut(&mut self, id: u64) -> Option<&mut NodeSpec> {
+        self.nodes.iter_mut().find(|n| n.id == id)
+    }
+
     /// Checks that node `id` runs at the addresses the layout records for it, the ones its
     /// peers and clients dial; if not, says which differ ("its peer address is recorded as …,
     /// not …"). A node the layout does not list passes (it was removed).

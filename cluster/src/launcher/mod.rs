@@ -317,10 +317,8 @@ impl LocalCluster {
     /// file, so that it is not started again (its data directory stays on disk).
     pub fn start_replacement_node(&mut self, old: u64) -> anyhow::Result<NodeEntry> {
         self.reload()?;
+        self.ensure_stopped(old, "replacing")?;
         let entry = self.entry_mut(old)?.clone();
-        if let Some(pid) = entry.pid.filter(|p| process_alive(*p)) {
-            bail!("node {old} is still running (pid {pid}); stop it before replacing it");
-        }
         let new = self.start_joining_node_at(Some((entry.client_addr, entry.peer_addr)))?;
         self.file.nodes.retain(|n| n.id != old);
         self.file.save(&self.dir)?;
@@ -337,9 +335,7 @@ impl LocalCluster {
         peer_addr: &str,
     ) -> anyhow::Result<()> {
         self.reload()?;
-        if let Some(pid) = self.entry_mut(id)?.pid.filter(|p| process_alive(*p)) {
-            bail!("node {id} is still running (pid {pid}); stop it before moving it");
-        }
+        self.ensure_stopped(id, "moving")?;
         let entry = self.entry_mut(id)?;
         entry.client_addr = client_addr.to_string();
         entry.peer_addr = peer_addr.to_string();
@@ -366,6 +362,14 @@ impl LocalCluster {
     pub fn reload(&mut self) -> anyhow::Result<()> {
         if let Some(current) = ClusterFile::load(&self.dir)? {
             self.file = current;
+        }
+        Ok(())
+    }
+
+    /// Refuses `doing` (what the caller is about to do) to node `id` while its process runs.
+    fn ensure_stopped(&mut self, id: u64, doing: &str) -> anyhow::Result<()> {
+        if let Some(pid) = self.entry_mut(id)?.pid.filter(|p| process_alive(*p)) {
+            bail!("node {id} is still running (pid {pid}); stop it before {doing} it");
         }
         Ok(())
     }

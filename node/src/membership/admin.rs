@@ -200,12 +200,7 @@ pub async fn update_node(
             });
         };
         let mut new = stamped.layout.clone();
-        let spec = new
-            .nodes
-            .iter_mut()
-            .find(|n| n.id == req.id)
-            .expect("checked");
-        *spec = updated.clone();
+        *new.node_mut(req.id).expect("checked") = updated.clone();
         match commit(node, &stamped, new).await {
             Ok(new) => {
                 node.placement_events.push(format!(
@@ -269,11 +264,7 @@ pub fn check_update(layout: &Layout, req: &UpdateNodeRequest) -> Result<Option<N
 /// Marks node `id` of `layout` as draining; false when it already was. The caller has checked
 /// that the node exists.
 fn mark_draining(layout: &mut Layout, id: u64) -> bool {
-    let spec = layout
-        .nodes
-        .iter_mut()
-        .find(|n| n.id == id)
-        .expect("checked");
+    let spec = layout.node_mut(id).expect("checked");
     let was_active = spec.phase != NodePhase::Draining;
     spec.phase = NodePhase::Draining;
     was_active
